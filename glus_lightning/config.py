@@ -1,0 +1,245 @@
+"""Typed config schemas and the composition of the YAML groups in ``conf/``.
+
+The dataclasses here only fix names and types: every default value lives in the YAML files
+(``conf/`` is the single source of defaults). Composition order, later wins:
+``conf/config.yaml`` -> the experiment's group choices (overridden by ``group=choice`` on the
+command line) -> the experiment's own keys -> ``dotted.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+GROUPS = ("backbone", "segmenter", "data", "trainer")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = MISSING
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = MISSING
+    quant_type: str = MISSING  # "nf4" or "fp4"
+    double_quant: bool = MISSING
+    compute_dtype: str = MISSING  # "bfloat16", "float16", "float32"
+
+
+@dataclass
+class PromptConfig:
+    context_instruction: str = MISSING
+    query_templates: list[str] = MISSING  # each holds "{expression}"
+    answer_templates: list[str] = MISSING  # each holds "[SEG]"
+
+
+@dataclass
+class BackboneConfig:
+    family: str = MISSING  # "llava", "qwen2_5_vl" or "internvl"
+    path: Optional[str] = MISSING  # local HF directory; None builds the tiny random-init model
+    tiny: dict[str, Any] = field(default_factory=dict)  # size overrides of the tiny config
+    dtype: str = MISSING
+    image_size: int = MISSING  # vision tower input size
+    image_token_pool: int = MISSING  # average-pool k x k patch tokens into one (1 = off)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    train_embeddings: bool = MISSING
+    train_lm_head: bool = MISSING
+    train_projector: bool = MISSING
+    train_vision_tower: bool = MISSING
+    gradient_checkpointing: bool = MISSING
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class SegmenterConfig:
+    size: str = MISSING  # "test", "tiny", "small", "base_plus", "large"
+    version: str = MISSING  # "sam2" or "sam2.1"
+    checkpoint: Optional[str] = MISSING  # official .pt file; None keeps random init
+    image_size: int = MISSING
+    max_memories: int = MISSING
+    train_image_encoder: bool = MISSING
+    train_memory: bool = MISSING  # memory attention + memory encoder
+    train_mask_decoder: bool = MISSING
+    multimask_fallback: bool = MISSING  # SAM2's stability fallback at inference
+
+
+@dataclass
+class DatasetSource:
+    name: str = MISSING
+    shards: str = MISSING  # brace pattern or glob of .tar files
+    weight: float = MISSING
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # where prepared shards live
+    prepare: Optional[str] = MISSING  # "synthetic" prepares the built-in dataset if missing
+    train: list[DatasetSource] = MISSING
+    val: list[DatasetSource] = MISSING
+    num_context: int = MISSING
+    num_query: int = MISSING
+    max_expressions: int = MISSING
+    image_size: int = MISSING  # frames are squashed to this square size (the segmenter's)
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    samples_per_epoch: int = MISSING  # training stream is resampled, so an epoch is a count
+    shuffle_buffer: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = MISSING
+    bce_weight: float = MISSING
+    dice_weight: float = MISSING
+    contrastive_weight: float = MISSING
+    ce_only_seg: bool = MISSING  # CE on [SEG] targets only (reference) or on every answer token
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    betas: list[float] = MISSING
+    weight_decay: float = MISSING
+    warmup_steps: int = MISSING
+    segmenter_lr: Optional[float] = MISSING  # None: same as lr
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    num_nodes: int = MISSING
+    strategy: str = MISSING
+    precision: str = MISSING
+    max_steps: int = MISSING
+    accumulate_grad_batches: int = MISSING
+    gradient_clip_val: float = MISSING
+    val_check_interval: Any = MISSING
+    log_every_n_steps: int = MISSING
+    num_sanity_val_steps: int = MISSING
+
+
+@dataclass
+class GLUSConfig:
+    experiment: str = MISSING
+    seed: int = MISSING
+    run_dir: str = MISSING  # logs, the saved config and checkpoints go under run_dir/name/version
+    name: str = MISSING
+    ckpt_path: Optional[str] = MISSING  # "last" resumes the latest checkpoint of this run
+    mask_threshold: float = MISSING
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    """A config key, value or group choice is wrong; the message names it and what is valid."""
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory: ``$GLUS_CONF_DIR`` if set, else the one beside the package."""
+    return Path(os.environ.get("GLUS_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+
+
+def _group_file(group: str, choice: str) -> Path:
+    path = conf_dir() / group / f"{choice}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{group}={choice!r} is not a choice; valid: {', '.join(group_choices(group))}")
+    return path
+
+
+GROUP_SCHEMAS = {"backbone": BackboneConfig, "segmenter": SegmenterConfig, "data": DataConfig, "trainer": TrainerConfig}
+
+
+def load_group(group: str, choice: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """One group's YAML validated against its schema, to build a component on its own (tests, tools)."""
+    try:
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(GROUP_SCHEMAS[group]), _load_yaml(_group_file(group, choice)), OmegaConf.from_dotlist(list(overrides))
+        )
+    except ConfigKeyError as err:
+        raise ConfigError(f"{group}={choice}: unknown key {err.full_key!r}") from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{group}={choice}: keys without a value: {', '.join(missing)}")
+    return cfg
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Build the validated config from ``conf/`` and ``key=value`` overrides."""
+    group_overrides: dict[str, str] = {}
+    dotted: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        if key in (*GROUPS, "experiment"):
+            group_overrides[key] = value
+        else:
+            dotted.append(item)
+
+    base = _load_yaml(conf_dir() / "config.yaml")
+    experiment = group_overrides.get("experiment", base.get("experiment"))
+    exp_cfg = _load_yaml(_group_file("experiment", experiment))
+    choices = dict(exp_cfg.pop("defaults", {}) or {})
+    unknown = set(choices) - set(GROUPS)
+    if unknown:
+        raise ConfigError(f"experiment {experiment!r}: defaults names unknown groups {sorted(unknown)}; valid: {GROUPS}")
+    choices.update({k: v for k, v in group_overrides.items() if k != "experiment"})
+
+    schema = OmegaConf.structured(GLUSConfig)
+    try:
+        cfg = OmegaConf.merge(schema, base, {"experiment": experiment})
+        for group in GROUPS:
+            if group not in choices:
+                raise ConfigError(f"experiment {experiment!r} chooses no {group}; valid: {', '.join(group_choices(group))}")
+            cfg = OmegaConf.merge(cfg, {group: _load_yaml(_group_file(group, choices[group]))})
+        cfg = OmegaConf.merge(cfg, exp_cfg, OmegaConf.from_dotlist(dotted))
+    except ConfigKeyError as err:
+        raise ConfigError(f"unknown config key {err.full_key!r}; valid keys there: {_valid_keys(err.full_key)}") from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad value for {getattr(err, 'full_key', '?')!r}: {err.msg if hasattr(err, 'msg') else err}") from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(missing)}")
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _valid_keys(full_key: str) -> str:
+    node: Any = OmegaConf.structured(GLUSConfig)
+    for part in full_key.split(".")[:-1]:
+        if part not in node:
+            break
+        node = node[part]
+    return ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "(none)"
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
