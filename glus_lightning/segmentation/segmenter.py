@@ -1,0 +1,230 @@
+"""SAM2 memory-bank segmenter prompted by one embedding per frame (the projected ``[SEG]`` token).
+
+Per frame, as in GLUS: image features -> ``no_mem_embed`` if the bank is empty, else memory attention over
+the bank (spatial memories + object pointers, selected by ``SAM2Base``) -> mask decoder with the prompt as
+the only sparse token and ``no_mask_embed`` as the dense prompt, single-mask output -> memory encoder on the
+predicted mask -> push to the bank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
+from torch import Tensor, nn
+
+from glus_lightning.config import SegmenterConfig
+from glus_lightning.segmentation.memory import MemoryBank
+from glus_lightning.segmentation.sam2_build import apply_freezing, build_sam2, load_official_checkpoint
+
+# SAM2's pixel normalisation (ImageNet statistics), a property of its pretrained image encoder.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class FrameFeatures:
+    """SAM2 image features of frames with any leading shape ``[*]`` (``[F]`` after encoding, ``[N, T]`` per track).
+
+    ``levels`` is the pyramid as SAM2's mask decoder takes it, finest first: ``[*, C/8, S/4, S/4]`` and
+    ``[*, C/4, S/8, S/8]`` (already through the decoder's conv_s0 / conv_s1), then ``[*, C, S/16, S/16]``.
+    ``pos`` is the top level's sine position encoding ``[1, C, S/16, S/16]``, the same for every frame.
+    Indexing (``features[index]``) applies to the leading dims, so frames encoded once are gathered per track.
+    """
+
+    levels: tuple[Tensor, ...]
+    pos: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.levels[-1].shape[:-3]
+
+    def __getitem__(self, index: object) -> FrameFeatures:
+        return FrameFeatures(tuple(level[index] for level in self.levels), self.pos)
+
+
+@dataclass
+class SegmentOutput:
+    """One frame of N tracks."""
+
+    mask_logits: Tensor  # [N, 1, S/4, S/4] low-res mask logits
+    iou_pred: Tensor  # [N]
+    object_score_logits: Tensor  # [N]
+
+
+@dataclass
+class TrackOutput:
+    """T frames of N tracks, in the order they were given."""
+
+    mask_logits: Tensor  # [N, T, S/4, S/4]
+    iou_pred: Tensor  # [N, T]
+    object_score_logits: Tensor  # [N, T]
+
+
+class MemorySegmenter(nn.Module):
+    """Wraps a ``SAM2Base`` (``self.sam``, official state-dict layout) for prompt-embedding video segmentation.
+
+    Frozen parts among the image encoder, memory attention and memory encoder stay in eval mode when the
+    segmenter trains: a frozen module is a fixed function, its dropout would only add noise.
+    """
+
+    def __init__(self, sam: SAM2Base) -> None:
+        super().__init__()
+        self.sam = sam
+        self.prompt_dim: int = sam.sam_prompt_embed_dim
+        self.image_size: int = sam.image_size
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> MemorySegmenter:
+        super().train(mode)
+        for module in (self.sam.image_encoder, self.sam.memory_attention, self.sam.memory_encoder):
+            if mode and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------ frames
+    def encode_frames(self, frames: Tensor) -> FrameFeatures:
+        """Image features of uint8 frames ``[*, 3, S, S]``; the image encoder sees each frame once."""
+        size = self.image_size
+        if frames.dtype != torch.uint8 or frames.dim() < 4 or tuple(frames.shape[-3:]) != (3, size, size):
+            raise ValueError(f"encode_frames expects uint8 frames [*, 3, {size}, {size}], got {frames.dtype} {tuple(frames.shape)}")
+        lead = frames.shape[:-3]
+        pixels = (frames.flatten(0, -4).float() / 255.0 - self.pixel_mean) / self.pixel_std
+        out = self.sam.forward_image(pixels)
+        levels = out["backbone_fpn"][-self.sam.num_feature_levels :]
+        return FrameFeatures(tuple(level.unflatten(0, lead) for level in levels), out["vision_pos_enc"][-1][:1])
+
+    @staticmethod
+    def select(features: FrameFeatures, index: Tensor) -> FrameFeatures:
+        """Gather frames along the leading dim (e.g. ``index [E, T]`` of each expression's frames)."""
+        if index.dtype != torch.long:
+            raise ValueError(f"select expects a long index tensor, got {index.dtype}")
+        return features[index]
+
+    # ------------------------------------------------------------------------------------------ memory
+    def new_memory(self, batch_size: int) -> MemoryBank:
+        """An empty bank for ``batch_size`` tracks, keeping every frame SAM2 may still select."""
+        sam = self.sam
+        stride = sam.memory_temporal_stride_for_eval
+        spatial = (sam.num_maskmem - 2) * stride + 1 if sam.num_maskmem > 1 else 1  # farthest spatial memory looked up
+        pointers = sam.max_obj_ptrs_in_encoder - 1 if sam.use_obj_ptrs_in_encoder else 1  # farthest object pointer
+        return MemoryBank(batch_size, max(spatial, pointers))
+
+    def step(self, features: FrameFeatures, prompts: Tensor, memory: MemoryBank, frame_idx: int) -> SegmentOutput:
+        """Segment one frame of N tracks (``features`` shape ``[N]``, ``prompts [N, prompt_dim]``), then memorise it.
+
+        The direction is read from the bank: a frame before the newest memory tracks backward (SAM2's
+        ``track_in_reverse``), so memories and pointer positions count temporal distance the right way.
+        """
+        n = memory.batch_size
+        if tuple(features.shape) != (n,) or tuple(prompts.shape) != (n, self.prompt_dim):
+            raise ValueError(
+                f"step expects features of shape ({n},) and prompts ({n}, {self.prompt_dim}) for a bank of {n} tracks, "
+                f"got {tuple(features.shape)} and {tuple(prompts.shape)}"
+            )
+        if frame_idx < 0:
+            raise ValueError(f"frame_idx must be >= 0, got {frame_idx}")
+        sam = self.sam
+        top = features.levels[-1]
+        top_hw = tuple(top.shape[-2:])
+        vision_top = top.flatten(2).permute(2, 0, 1)  # SAM2's (HW, N, C) layout
+        pos_top = features.pos.flatten(2).permute(2, 0, 1).expand(-1, n, -1)
+        pix_feat = sam._prepare_memory_conditioned_features(
+            frame_idx=frame_idx,
+            is_init_cond_frame=memory.is_empty,
+            current_vision_feats=[vision_top],
+            current_vision_pos_embeds=[pos_top],
+            feat_sizes=[top_hw],
+            output_dict=memory.output_dict,
+            # SAM2 uses num_frames to stop pointer look-ups at the video's end and to scale their temporal
+            # encoding by min(num_frames, max pointers); an open-ended stream keeps that scale at its maximum.
+            num_frames=frame_idx + sam.max_obj_ptrs_in_encoder,
+            track_in_reverse=memory.is_reverse(frame_idx),
+        )
+        high_res = list(features.levels[:-1]) if sam.use_high_res_features_in_sam else None
+        masks, gated, iou_pred, obj_scores, obj_ptr = self._decode(pix_feat, high_res, prompts.to(pix_feat.dtype))
+
+        masks_for_memory = F.interpolate(gated, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
+            current_vision_feats=[vision_top],
+            feat_sizes=[top_hw],
+            pred_masks_high_res=masks_for_memory,
+            object_score_logits=obj_scores,
+            is_mask_from_pts=False,
+        )
+        memory.push(frame_idx, maskmem_features, maskmem_pos_enc[-1], obj_ptr)
+        return SegmentOutput(masks if self.training else gated, iou_pred[:, 0], obj_scores[:, 0])
+
+    def _decode(self, pix_feat: Tensor, high_res: list[Tensor] | None, prompts: Tensor) -> tuple[Tensor, ...]:
+        """SAM2's mask decoder with the prompt as its single sparse token.
+
+        Returns the raw single-mask logits, the same masks blanked where the object score says "absent"
+        (SAM2's hard choice, what it memorises and outputs at inference; raw logits keep the mask loss's
+        gradient when the score is wrong), IoU and object-score predictions ``[N, 1]`` and object pointers.
+        """
+        sam = self.sam
+        n = pix_feat.shape[0]
+        _, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)  # no_mask_embed everywhere
+        masks, iou_pred, tokens, obj_scores = sam.sam_mask_decoder(
+            image_embeddings=pix_feat,
+            image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=prompts[:, None],
+            dense_prompt_embeddings=dense.expand(n, -1, -1, -1),
+            multimask_output=False,  # the mask decoder's stability fallback (at eval) is set at build time
+            repeat_image=False,
+            high_res_features=high_res,
+        )
+        masks = masks.float()
+        obj_ptr = sam.obj_ptr_proj(tokens[:, 0])
+        if not sam.pred_obj_scores:
+            return masks, masks, iou_pred, obj_scores, obj_ptr
+        present = obj_scores > 0
+        gated = torch.where(present[:, :, None, None], masks, NO_OBJ_SCORE)
+        if sam.use_obj_ptrs_in_encoder:  # pointer of an absent object: (partly) SAM2's learned no-object pointer
+            weight = obj_scores.sigmoid() if sam.soft_no_obj_ptr else present.to(obj_ptr.dtype)
+            if sam.fixed_no_obj_ptr:
+                obj_ptr = weight * obj_ptr
+            obj_ptr = obj_ptr + (1 - weight) * sam.no_obj_ptr
+        return masks, gated, iou_pred, obj_scores, obj_ptr
+
+    def track(
+        self,
+        features: FrameFeatures,
+        prompts: Tensor,
+        memory: MemoryBank | None = None,
+        frame_ids: Sequence[int] | None = None,
+    ) -> TrackOutput:
+        """Segment T frames of N tracks in the given order (``features [N, T]``, ``prompts [N, T, prompt_dim]``).
+
+        ``frame_ids`` (default ``0..T-1``) are the frames' indices in their video; descending ids propagate
+        backward. Pass ``memory`` to continue from an earlier window; by default a new bank is used.
+        """
+        if len(features.shape) != 2 or tuple(prompts.shape) != (*features.shape, self.prompt_dim):
+            raise ValueError(
+                f"track expects features of shape (N, T) and prompts (N, T, {self.prompt_dim}), "
+                f"got {tuple(features.shape)} and {tuple(prompts.shape)}"
+            )
+        n, t = features.shape
+        frame_ids = list(range(t)) if frame_ids is None else [int(f) for f in frame_ids]
+        if len(frame_ids) != t:
+            raise ValueError(f"track got {len(frame_ids)} frame_ids for {t} frames")
+        memory = self.new_memory(n) if memory is None else memory
+        outs = [self.step(features[:, i], prompts[:, i], memory, f) for i, f in enumerate(frame_ids)]
+        return TrackOutput(
+            mask_logits=torch.cat([o.mask_logits for o in outs], dim=1),
+            iou_pred=torch.stack([o.iou_pred for o in outs], dim=1),
+            object_score_logits=torch.stack([o.object_score_logits for o in outs], dim=1),
+        )
+
+
+def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
+    """The configured SAM2 (official architecture or the test size), official weights if set, frozen per config."""
+    sam = build_sam2(cfg)
+    if cfg.checkpoint is not None:
+        load_official_checkpoint(sam, cfg.checkpoint, f"SAM2 {cfg.version} size {cfg.size} (max_memories {cfg.max_memories})")
+    apply_freezing(sam, cfg)
+    return MemorySegmenter(sam)
