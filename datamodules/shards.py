@@ -57,7 +57,7 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(dataset=dataset, split=split)
     pattern = str(out / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=videos_per_shard, verbose=0) as writer:
+    with wds.ShardWriter(pattern, maxcount=videos_per_shard, verbose=0, mtime=0) as writer:  # reproducible bytes
         for record in tqdm(records, total=total, desc=f"prepare {dataset}/{split}", unit="video"):
             writer.write(record.to_sample())
             manifest.videos += 1

@@ -1,0 +1,124 @@
+"""``glus prepare``: official datasets or the synthetic one into WebDataset shards.
+
+Every split goes to its own directory ``<out>/<split>/`` (shards ``<split>-000000.tar`` ... and
+``manifest.json``), so splits never overwrite each other's manifest. A directory that already
+holds shards is refused rather than mixed: the manifest lists every ``<split>-*.tar`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from datamodules.converters import OPENERS, ConversionError
+from datamodules.shards import MANIFEST, Manifest, write_shards
+from datamodules.synthetic import DATASET, synthetic_records
+
+SYNTHETIC_SHARDS = 8  # shards per synthetic split, so that up to 8 ranks x workers each get some
+
+
+def configure_prepare_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``prepare <dataset>`` subcommands and their options to ``parser``."""
+    datasets = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    for name in OPENERS:
+        sub = datasets.add_parser(name, help=f"convert an official {name} split", description=f"Convert one {name} split to shards.")
+        sub.add_argument("--root", type=Path, required=True, help="dataset root in the official layout")
+        sub.add_argument("--split", required=True, help="split name, e.g. train, valid, valid_u")
+        sub.add_argument("--out", type=Path, required=True, help="output root; shards go to OUT/SPLIT/")
+        sub.add_argument("--videos-per-shard", type=_positive, default=50, help="videos per .tar shard (default: 50)")
+        sub.add_argument("--skip-bad", action="store_true", help="skip malformed videos (listed in the manifest) instead of failing")
+        sub.add_argument("--min-frames", type=_positive, default=1, help="a video with fewer frames is bad (default: 1)")
+    sub = datasets.add_parser("synthetic", help="generate the built-in synthetic dataset", description="Write OUT/train and OUT/val.")
+    sub.add_argument("--out", type=Path, required=True, help="output root; shards go to OUT/train/ and OUT/val/")
+    sub.add_argument("--seed", type=int, default=0, help="same seed, byte-identical shards (default: 0)")
+    sub.add_argument("--num-train", type=_positive, default=200, help="training videos (default: 200)")
+    sub.add_argument("--num-val", type=_positive, default=40, help="validation videos (default: 40)")
+    sub.add_argument("--frames", type=_positive, default=12, help="frames per video (default: 12)")
+    sub.add_argument("--size", type=_positive, default=96, help="frame height and width in pixels (default: 96)")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run the subcommand parsed by ``configure_prepare_parser``; print a summary; return the exit code."""
+    try:
+        if args.dataset == "synthetic":
+            manifests = prepare_synthetic(args.out, args.seed, args.num_train, args.num_val, args.frames, args.size)
+            outs = {split: Path(args.out) / split for split in manifests}
+        else:
+            manifests = {
+                args.split: prepare_official(
+                    args.dataset, args.root, args.split, args.out, args.videos_per_shard, args.skip_bad, args.min_frames
+                )
+            }
+            outs = {args.split: Path(args.out) / args.split}
+    except (ConversionError, FileExistsError, ValueError) as err:
+        print(f"glus prepare {args.dataset}: error: {err}", file=sys.stderr)
+        return 1
+    for split, manifest in manifests.items():
+        print(_summary(manifest, outs[split]))
+    return 0
+
+
+def prepare_official(
+    dataset: str, root: str | Path, split: str, out: str | Path, videos_per_shard: int, skip_bad: bool, min_frames: int
+) -> Manifest:
+    """Convert one split of an official dataset into ``out/split/``."""
+    if dataset not in OPENERS:
+        raise ValueError(f"dataset {dataset!r} has no converter; valid: {', '.join(OPENERS)}")
+    out_dir = _fresh(Path(out) / split, split)
+    source = OPENERS[dataset](root, split, min_frames, skip_bad)
+    with _removed_on_failure(out_dir, split):
+        return write_shards(source.records(), out_dir, dataset, split, videos_per_shard, total=len(source.videos), skipped=source.skipped)
+
+
+def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames: int, size: int) -> dict[str, Manifest]:
+    """Generate the synthetic dataset into ``out/train/`` and ``out/val/``; returns their manifests."""
+    counts = {"train": num_train, "val": num_val}
+    dirs = {split: _fresh(Path(out) / split, split) for split in counts}
+    manifests = {}
+    for split, count in counts.items():
+        with _removed_on_failure(dirs[split], split):
+            records = synthetic_records(seed, split, count, frames, size)
+            manifests[split] = write_shards(records, dirs[split], DATASET, split, math.ceil(count / SYNTHETIC_SHARDS), total=count)
+    return manifests
+
+
+def _summary(manifest: Manifest, out_dir: Path) -> str:
+    """One line: what was written, where, and how many videos were skipped."""
+    line = (
+        f"{manifest.dataset}/{manifest.split}: {manifest.videos} videos, {manifest.frames} frames, "
+        f"{manifest.expressions} expressions, {manifest.objects} objects in {len(manifest.shards)} shards "
+        f"({manifest.bytes / 1e6:.1f} MB) -> {out_dir}"
+    )
+    if manifest.skipped:
+        line += f"; skipped {len(manifest.skipped)} bad videos (listed in {out_dir / MANIFEST})"
+    return line
+
+
+def _fresh(out_dir: Path, split: str) -> Path:
+    """``out_dir``, refused if it already holds shards of ``split`` (a new run would mix with them)."""
+    old = sorted(out_dir.glob(f"{split}-*.tar"))
+    if old:
+        raise FileExistsError(f"{out_dir} already holds {len(old)} shards ({old[0].name}, ...); remove them or choose another --out")
+    return out_dir
+
+
+@contextmanager
+def _removed_on_failure(out_dir: Path, split: str) -> Iterator[None]:
+    """Delete the shards of a failed run (``_fresh`` made sure that none were there before)."""
+    try:
+        yield
+    except BaseException:
+        for path in out_dir.glob(f"{split}-*.tar"):
+            path.unlink()
+        raise
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
