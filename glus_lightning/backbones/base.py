@@ -1,0 +1,366 @@
+"""The swappable MLLM backbone: E conversations in, answer CE and ``[SEG]`` hidden states out.
+
+One conversation per expression: the C context frames and the context instruction, then one user
+turn per query frame (its image and a query naming the expression), each answered by a sentence
+holding ``[SEG]``; answers are teacher-forced. A family subclass only says how its chat format
+looks, how its images become placeholder tokens and how its Hugging Face model is called; loading,
+``[SEG]``, LoRA, 4-bit, freezing, tokenisation, labels and the loss live here once.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import Tensor, nn
+from transformers import AutoTokenizer, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from glus_lightning.config import BackboneConfig, ConfigError
+
+from .adapters import language_model_lora, merged_state_dict
+from .tiny_tokenizer import TinyTokens, build_tiny_tokenizer
+
+SEG_TOKEN = "[SEG]"
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRADIENT_CHECKPOINTING = {"use_reentrant": False}  # frozen embeddings: reentrant checkpoints would drop LoRA grads
+
+
+@dataclass
+class BackboneOutput:
+    lm_loss: Tensor  # scalar next-token CE over the labelled answer tokens
+    seg_hidden: Tensor  # [E, Q, D] last-layer hidden state at the position that predicts each [SEG]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Assistant text of a conversation: its tokens are the next-token targets."""
+
+    text: str
+
+
+Part = str | Answer | list[int]  # prompt text | answer text | literal token ids (BOS, image placeholders)
+
+
+@dataclass
+class Conversations:
+    """E tokenised conversations, right-padded, with where their ``[SEG]`` tokens are."""
+
+    input_ids: Tensor  # long [E, L]
+    attention_mask: Tensor  # long [E, L]
+    labels: Tensor  # long [E, L]: IGNORE_INDEX outside the labelled answer tokens
+    seg_positions: Tensor  # long [E, Q]: index p with input_ids[e, p] == [SEG]; its hidden state is read at p - 1
+
+    def to(self, device: torch.device | str) -> Conversations:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def plain(node: Any) -> Any:
+    """OmegaConf nodes as plain Python containers (configs may come as dataclasses or DictConfigs)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def torch_dtype(name: str, key: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"{key}={name!r} is not a dtype; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def tiny_section(tiny: dict[str, Any], key: str) -> Any:
+    if key not in tiny:
+        raise ConfigError(f"backbone.tiny has no {key!r} (needed to build the tiny random-init model); it has: {sorted(tiny)}")
+    return tiny[key]
+
+
+class MLLMBackbone(nn.Module, ABC):
+    """Base of the family backbones; build one with ``build_backbone(cfg)``."""
+
+    family: ClassVar[str]
+    model_type: ClassVar[str]  # config.json "model_type" of the family's Hugging Face checkpoints
+    model_class: ClassVar[type[PreTrainedModel]]
+    image_processor_class: ClassVar[type]
+    vision_module: ClassVar[str]  # submodule names inside the Hugging Face model
+    projector_module: ClassVar[str]
+    language_model_module: ClassVar[str] = "model.language_model"
+    tiny_tokens: ClassVar[TinyTokens]
+    system_prompt: ClassVar[str]
+    format_text: ClassVar[str]  # the chat format's own words, for the tiny tokenizer's corpus
+
+    hidden_size: int
+
+    def __init__(self, cfg: BackboneConfig | DictConfig) -> None:
+        super().__init__()
+        self.image_size: int = cfg.image_size
+        self.image_token_pool: int = cfg.image_token_pool
+        self.query_templates, self.answer_templates = _checked_templates(cfg)
+        self.context_instruction: str = cfg.prompt.context_instruction
+        self.quantized: bool = cfg.quantization.load_in_4bit
+        if cfg.path is None:
+            with tempfile.TemporaryDirectory(prefix=f"glus_tiny_{self.family}_") as tmp:
+                self.write_tiny_checkpoint(cfg, tmp)
+                self._load(Path(tmp), cfg)
+        else:
+            self._check_checkpoint(Path(cfg.path))
+            self._load(Path(cfg.path), cfg)
+        self._check_image_config()
+
+    # ---- family hooks -------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def tokens_per_image(self) -> int:
+        """How many placeholder tokens one frame's features fill."""
+
+    @abstractmethod
+    def conversation(self, num_context: int, instruction: str, queries: list[str], answers: list[str]) -> list[Part]:
+        """One conversation in the family's chat format (one answer per query)."""
+
+    @abstractmethod
+    def last_hidden_state(self, conversations: Conversations, frames: Tensor) -> Tensor:
+        """[E, L, D] last-layer hidden states; ``frames`` uint8 [E * (C + Q), 3, S, S] in placeholder order."""
+
+    @classmethod
+    @abstractmethod
+    def tiny_model(cls, tokenizer: PreTrainedTokenizerBase, tiny: dict[str, Any], image_size: int) -> PreTrainedModel:
+        """A random-init model of the family with the sizes in ``tiny`` and ``tokenizer``'s tokens."""
+
+    @classmethod
+    @abstractmethod
+    def tiny_image_processor(cls, config: PretrainedConfig, image_size: int) -> Any:
+        """The family's image processor for the tiny model (mean, std and patching facts)."""
+
+    def _check_image_config(self) -> None:
+        """Raise ConfigError when image_size / image_token_pool do not fit the vision tower."""
+
+    def _check_checkpoint_config(self, config: dict[str, Any], path: Path) -> None:
+        """Raise ConfigError for a checkpoint of the right model_type in a layout that cannot load."""
+
+    # ---- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def write_tiny_checkpoint(cls, cfg: BackboneConfig | DictConfig, path: str | Path) -> None:
+        """Write a tiny random-init checkpoint (model, tokenizer, image processor) to ``path``."""
+        tiny = plain(cfg.tiny)
+        texts = [
+            cls.system_prompt,
+            cls.format_text,
+            cfg.prompt.context_instruction,
+            *(t.replace("{expression}", "") for t in cfg.prompt.query_templates),
+            *(t.replace(SEG_TOKEN, "") for t in cfg.prompt.answer_templates),
+        ]
+        tokenizer = build_tiny_tokenizer(cls.tiny_tokens, texts, tiny_section(tiny, "vocab_size"))
+        model = cls.tiny_model(tokenizer, tiny, cfg.image_size)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        cls.tiny_image_processor(model.config, cfg.image_size).save_pretrained(path)
+
+    def _check_checkpoint(self, path: Path) -> None:
+        expected = f"a Hugging Face {self.family} checkpoint directory (config.json model_type {self.model_type!r})"
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            problem = "has no config.json" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"backbone.path={str(path)!r} {problem}; expected {expected}")
+        config = json.loads(config_file.read_text())
+        found = config.get("model_type")
+        if found != self.model_type:
+            raise ConfigError(
+                f"backbone.path={str(path)!r}: config.json says model_type={found!r}, "
+                f"but backbone.family={self.family!r} expects {expected}"
+            )
+        self._check_checkpoint_config(config, path)
+
+    def _load(self, path: Path, cfg: BackboneConfig | DictConfig) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_processor = self.image_processor_class.from_pretrained(path)
+        quantization = self._quantization_config(cfg) if self.quantized else None
+        device_map = {"": torch.cuda.current_device()} if self.quantized and torch.cuda.is_available() else None
+        hf = self.model_class.from_pretrained(
+            path, dtype=torch_dtype(cfg.dtype, "backbone.dtype"), quantization_config=quantization, device_map=device_map
+        )
+        if SEG_TOKEN not in self.tokenizer.get_vocab():
+            self.tokenizer.add_tokens([SEG_TOKEN])
+        if len(self.tokenizer) > hf.get_input_embeddings().num_embeddings:
+            hf.resize_token_embeddings(len(self.tokenizer))
+        self.seg_token_id: int = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        self.hidden_size = hf.config.get_text_config().hidden_size
+
+        if self.quantized:  # freezes everything, upcasts the unquantised rest to fp32
+            prepare_model_for_kbit_training(hf, cfg.gradient_checkpointing, GRADIENT_CHECKPOINTING)
+        else:
+            hf.requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
+        self.model: PreTrainedModel | PeftModel = (
+            get_peft_model(hf, language_model_lora(cfg.lora, self.language_model_module)) if cfg.lora.enabled else hf
+        )
+        hf.get_submodule(self.vision_module).requires_grad_(cfg.train_vision_tower)
+        hf.get_submodule(self.projector_module).requires_grad_(cfg.train_projector)  # after: Qwen's sits in the tower
+        if cfg.train_embeddings:
+            hf.get_input_embeddings().requires_grad_(True)
+        if cfg.train_lm_head:
+            hf.get_output_embeddings().requires_grad_(True)
+
+    def _quantization_config(self, cfg: BackboneConfig | DictConfig) -> BitsAndBytesConfig:
+        q = cfg.quantization
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype, "backbone.quantization.compute_dtype"),
+            llm_int8_skip_modules=[self.vision_module, self.projector_module, "lm_head"],  # only the LM goes 4-bit
+        )
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The Hugging Face model (LoRA layers injected in place when enabled)."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    # ---- conversations ------------------------------------------------------------------------
+
+    def _pick(self, templates: list[str]) -> str:
+        """Training draws a paraphrase from torch's (seeded) generator; evaluation takes the first."""
+        if not self.training or len(templates) == 1:
+            return templates[0]
+        return templates[int(torch.randint(len(templates), ()))]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _tokenize(self, parts: list[Part], ce_only_seg: bool) -> tuple[list[int], list[int], list[int]]:
+        """Token ids, labels and the [SEG] positions, recorded while the answers are appended."""
+        ids: list[int] = []
+        labels: list[int] = []
+        seg: list[int] = []
+        for part in parts:
+            if isinstance(part, list):
+                piece, targets = part, [IGNORE_INDEX] * len(part)
+            elif isinstance(part, Answer):
+                piece = self._encode_text(part.text)
+                seg += [len(ids) + j for j, token in enumerate(piece) if token == self.seg_token_id]
+                targets = [t if t == self.seg_token_id or not ce_only_seg else IGNORE_INDEX for t in piece]
+            else:
+                piece = self._encode_text(part)
+                if self.seg_token_id in piece:
+                    raise ValueError(f"prompt text {part!r} contains {SEG_TOKEN}; only answers may (check the expression)")
+                targets = [IGNORE_INDEX] * len(piece)
+            ids += piece
+            labels += targets
+        return ids, labels, seg
+
+    def build_inputs(self, expressions: list[str], num_context: int, num_query: int, ce_only_seg: bool) -> Conversations:
+        """Tokenise one conversation per expression (on the CPU) and pad them into a batch."""
+        rows = []
+        for expression in expressions:
+            queries = [self._pick(self.query_templates).replace("{expression}", expression) for _ in range(num_query)]
+            answers = [self._pick(self.answer_templates) for _ in range(num_query)]
+            ids, labels, seg = self._tokenize(
+                self.conversation(num_context, self.context_instruction, queries, answers), ce_only_seg
+            )
+            if len(seg) != num_query:
+                raise ValueError(f"expression {expression!r}: {len(seg)} {SEG_TOKEN} tokens in the answers, expected {num_query}")
+            rows.append((ids, labels, seg))
+        length = max(len(ids) for ids, _, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        for e, (ids, row_labels, _) in enumerate(rows):
+            input_ids[e, : len(ids)] = torch.tensor(ids)
+            attention_mask[e, : len(ids)] = 1
+            labels[e, : len(ids)] = torch.tensor(row_labels)
+        seg_positions = torch.tensor([seg for _, _, seg in rows], dtype=torch.long)
+        return Conversations(input_ids, attention_mask, labels, seg_positions)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def pixel_values(self, frames: Tensor) -> Tensor:
+        """uint8 [N, 3, S, S] -> the vision tower's normalised input [N, 3, image_size, image_size]."""
+        x = frames.float() / 255
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        mean = x.new_tensor(self.image_processor.image_mean).view(1, -1, 1, 1)
+        std = x.new_tensor(self.image_processor.image_std).view(1, -1, 1, 1)
+        vision_dtype = next(self.hf_model.get_submodule(self.vision_module).parameters()).dtype
+        return ((x - mean) / std).to(vision_dtype)
+
+    def encode(self, context: Tensor, query: Tensor, expressions: list[str], ce_only_seg: bool) -> BackboneOutput:
+        """context uint8 [E, C, 3, S, S], query uint8 [E, Q, 3, S, S]: one conversation per expression."""
+        _check_frames(context, query, expressions)
+        conversations = self.build_inputs(expressions, context.shape[1], query.shape[1], ce_only_seg).to(query.device)
+        hidden = self.last_hidden_state(conversations, torch.cat([context, query], dim=1).flatten(0, 1))
+        rows = torch.arange(len(expressions), device=hidden.device)[:, None]
+        return BackboneOutput(
+            lm_loss=self._lm_loss(hidden, conversations.labels),
+            seg_hidden=hidden[rows, conversations.seg_positions - 1],
+        )
+
+    def _lm_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Next-token CE with logits computed only where a target is labelled (the vocabulary is large)."""
+        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        logits = self.hf_model.get_output_embeddings()(hidden[rows, cols - 1])
+        return F.cross_entropy(logits.float(), labels[rows, cols])
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """A Hugging Face checkpoint (LoRA merged) + tokenizer with [SEG] + image processor, so that
+        ``build_backbone`` with ``path`` set rebuilds a backbone computing the same outputs."""
+        if self.quantized:
+            raise ValueError(
+                "save_pretrained merges LoRA into the base weights, which 4-bit weights cannot hold; "
+                "load the trained state into a backbone built with quantization.load_in_4bit=false and save that"
+            )
+        hf = self.hf_model
+        hf.save_pretrained(path, state_dict=merged_state_dict(hf))
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def chatml(
+    system: str, image: list[int], image_sep: str, num_context: int, instruction: str, queries: list[str], answers: list[str]
+) -> list[Part]:
+    """A ChatML conversation (Qwen2.5-VL, InternVL): context images + instruction open the first user turn."""
+    parts: list[Part] = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"]
+    if num_context:
+        parts += [image, image_sep] * num_context + [f"{instruction}\n"]
+    for j, (query, answer) in enumerate(zip(queries, answers)):
+        if j:
+            parts.append("\n<|im_start|>user\n")
+        parts += [image, image_sep, f"{query}<|im_end|>\n<|im_start|>assistant\n", Answer(f"{answer}<|im_end|>")]
+    return parts
+
+
+def _checked_templates(cfg: BackboneConfig | DictConfig) -> tuple[list[str], list[str]]:
+    queries, answers = list(cfg.prompt.query_templates), list(cfg.prompt.answer_templates)
+    if not queries or not answers:
+        raise ConfigError("backbone.prompt.query_templates and answer_templates must each hold at least one template")
+    for template in queries:
+        if "{expression}" not in template:
+            raise ConfigError(f"backbone.prompt.query_templates: {template!r} has no {{expression}}")
+    for template in answers:
+        if template.count(SEG_TOKEN) != 1:
+            raise ConfigError(f"backbone.prompt.answer_templates: {template!r} must hold {SEG_TOKEN} exactly once")
+    return queries, answers
+
+
+def _check_frames(context: Tensor, query: Tensor, expressions: list[str]) -> None:
+    for name, frames in (("context", context), ("query", query)):
+        if frames.dtype != torch.uint8 or frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"{name} frames must be uint8 [E, N, 3, S, S], got {frames.dtype} {tuple(frames.shape)}")
+    if context.shape[0] != query.shape[0] or query.shape[0] != len(expressions) or not expressions:
+        raise ValueError(
+            f"context ({context.shape[0]}), query ({query.shape[0]}) and expressions ({len(expressions)}) "
+            "must have the same E >= 1 (one conversation per expression)"
+        )
+    if query.shape[1] < 1:
+        raise ValueError("query frames: at least one per conversation (each is answered with [SEG])")
+    if context.shape[-2:] != query.shape[-2:]:
+        raise ValueError(f"context frames are {tuple(context.shape[-2:])} but query frames {tuple(query.shape[-2:])}")

@@ -1,0 +1,114 @@
+"""Qwen2.5-VL: frames patchified by Qwen's own image processor, M-RoPE from image_grid_thw, ChatML."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+)
+
+from glus_lightning.config import ConfigError
+
+from .base import Conversations, MLLMBackbone, Part, chatml, tiny_section
+from .tiny_tokenizer import TinyTokens
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split of the rotary half-dimension into (time, height, width), Qwen's 16:24:24 proportions."""
+    half = head_dim // 2
+    time = half // 4
+    height = (half - time) // 2
+    return [time, height, half - time - height]
+
+
+class Qwen2_5_VLBackbone(MLLMBackbone):
+    family = "qwen2_5_vl"
+    model_type = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+    image_processor_class = Qwen2VLImageProcessor
+    vision_module = "model.visual"
+    projector_module = "model.visual.merger"
+    tiny_tokens = TinyTokens(
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        extra=("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+    )
+    system_prompt = "You are a helpful assistant."
+    format_text = "system\nuser\nassistant\n"
+
+    @property
+    def tokens_per_image(self) -> int:
+        vision = self.hf_model.config.vision_config
+        return (self.image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
+
+    def _check_image_config(self) -> None:
+        vision = self.hf_model.config.vision_config
+        factor = vision.patch_size * vision.spatial_merge_size
+        if self.image_size % factor:
+            raise ConfigError(
+                f"backbone.image_size={self.image_size} must be a multiple of patch x merge size = {factor} for Qwen2.5-VL"
+            )
+        if self.image_token_pool != 1:
+            raise ConfigError(f"backbone.image_token_pool={self.image_token_pool}: Qwen2.5-VL merges patches itself; use 1")
+
+    def conversation(self, num_context: int, instruction: str, queries: list[str], answers: list[str]) -> list[Part]:
+        config = self.hf_model.config
+        image = [config.vision_start_token_id, *[config.image_token_id] * self.tokens_per_image, config.vision_end_token_id]
+        return chatml(self.system_prompt, image, "", num_context, instruction, queries, answers)
+
+    def last_hidden_state(self, conversations: Conversations, frames: Tensor) -> Tensor:
+        config = self.hf_model.config
+        vision = config.vision_config
+        patches, grid_h, grid_w = self.image_processor.patchify(
+            self.pixel_values(frames), vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        )
+        grid_thw = torch.tensor([1, grid_h, grid_w], device=frames.device).expand(len(frames), 3)
+        return self.hf_model.model(
+            input_ids=conversations.input_ids,
+            attention_mask=conversations.attention_mask,
+            pixel_values=patches.flatten(0, 1),
+            image_grid_thw=grid_thw,
+            mm_token_type_ids=(conversations.input_ids == config.image_token_id).int(),
+            use_cache=False,
+        ).last_hidden_state
+
+    @classmethod
+    def tiny_model(
+        cls, tokenizer: PreTrainedTokenizerBase, tiny: dict[str, Any], image_size: int
+    ) -> Qwen2_5_VLForConditionalGeneration:
+        ids = tokenizer.convert_tokens_to_ids
+        text = dict(tiny_section(tiny, "text_config"))
+        text.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": mrope_section(text["hidden_size"] // text["num_attention_heads"]),
+            },
+        )
+        vision = {**tiny_section(tiny, "vision_config"), "out_hidden_size": text["hidden_size"]}
+        config = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+        return Qwen2_5_VLForConditionalGeneration(config)
+
+    @classmethod
+    def tiny_image_processor(cls, config: PretrainedConfig, image_size: int) -> Qwen2VLImageProcessor:
+        vision = config.vision_config
+        return Qwen2VLImageProcessor(
+            patch_size=vision.patch_size, merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size
+        )
