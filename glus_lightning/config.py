@@ -82,9 +82,18 @@ class DatasetSource:
 
 
 @dataclass
+class SyntheticConfig:
+    num_train: int = MISSING
+    num_val: int = MISSING
+    frames: int = MISSING
+    size: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
 class DataConfig:
     root: str = MISSING  # where prepared shards live
-    prepare: Optional[str] = MISSING  # "synthetic" prepares the built-in dataset if missing
+    synthetic: Optional[SyntheticConfig] = MISSING  # set: the built-in dataset is generated under root if missing
     train: list[DatasetSource] = MISSING
     val: list[DatasetSource] = MISSING
     num_context: int = MISSING
@@ -139,6 +148,7 @@ class GLUSConfig:
     name: str = MISSING
     ckpt_path: Optional[str] = MISSING  # "last" resumes the latest checkpoint of this run
     mask_threshold: float = MISSING
+    overlay_videos: int = MISSING  # validation videos drawn as mask overlays in TensorBoard
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     data: DataConfig = field(default_factory=DataConfig)
