@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -46,7 +46,7 @@ class PromptConfig:
 @dataclass
 class BackboneConfig:
     family: str = MISSING  # "llava", "qwen2_5_vl" or "internvl"
-    path: Optional[str] = MISSING  # local HF directory; None builds the tiny random-init model
+    path: str | None = MISSING  # local HF directory; None builds the tiny random-init model
     tiny: dict[str, Any] = field(default_factory=dict)  # size overrides of the tiny config
     dtype: str = MISSING
     image_size: int = MISSING  # vision tower input size
@@ -65,7 +65,7 @@ class BackboneConfig:
 class SegmenterConfig:
     size: str = MISSING  # "test", "tiny", "small", "base_plus", "large"
     version: str = MISSING  # "sam2" or "sam2.1"
-    checkpoint: Optional[str] = MISSING  # official .pt file; None keeps random init
+    checkpoint: str | None = MISSING  # official .pt file; None keeps random init
     image_size: int = MISSING
     max_memories: int = MISSING
     train_image_encoder: bool = MISSING
@@ -93,7 +93,7 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     root: str = MISSING  # where prepared shards live
-    synthetic: Optional[SyntheticConfig] = MISSING  # set: the built-in dataset is generated under root if missing
+    synthetic: SyntheticConfig | None = MISSING  # set: the built-in dataset is generated under root if missing
     train: list[DatasetSource] = MISSING
     val: list[DatasetSource] = MISSING
     num_context: int = MISSING
@@ -113,6 +113,8 @@ class LossConfig:
     bce_weight: float = MISSING
     dice_weight: float = MISSING
     contrastive_weight: float = MISSING
+    object_weight: float = MISSING  # SAM2's object-presence head (BCE: is the target non-empty in the frame)
+    iou_weight: float = MISSING  # SAM2's IoU-prediction head (L1 to the IoU its mask achieves)
     ce_only_seg: bool = MISSING  # CE on [SEG] targets only (reference) or on every answer token
 
 
@@ -122,7 +124,7 @@ class OptimConfig:
     betas: list[float] = MISSING
     weight_decay: float = MISSING
     warmup_steps: int = MISSING
-    segmenter_lr: Optional[float] = MISSING  # None: same as lr
+    segmenter_lr: float | None = MISSING  # None: same as lr
 
 
 @dataclass
@@ -146,7 +148,7 @@ class GLUSConfig:
     seed: int = MISSING
     run_dir: str = MISSING  # logs, the saved config and checkpoints go under run_dir/name/version
     name: str = MISSING
-    ckpt_path: Optional[str] = MISSING  # "last" resumes the latest checkpoint of this run
+    ckpt_path: str | None = MISSING  # "last" resumes the latest checkpoint of this run
     mask_threshold: float = MISSING
     overlay_videos: int = MISSING  # validation videos drawn as mask overlays in TensorBoard
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

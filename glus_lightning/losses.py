@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glus_lightning.metrics import mask_iou
+
 
 def mask_bce(logits: Tensor, target: Tensor) -> Tensor:
     """Per-mask mean binary cross-entropy. ``logits``, ``target``: ``[N, H, W]``; returns ``[N]``."""
@@ -27,6 +29,21 @@ def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def presence_loss(object_logits: Tensor, targets: list[Tensor]) -> Tensor:
+    """BCE of SAM2's object-score logits ``[E, Q]`` against "the target is non-empty in this frame"."""
+    present = torch.stack([t.flatten(1).any(1) for t in targets]).to(object_logits.dtype)
+    return F.binary_cross_entropy_with_logits(object_logits, present)
+
+
+def iou_prediction_loss(iou_pred: Tensor, logits: list[Tensor], targets: list[Tensor], threshold: float) -> Tensor:
+    """L1 between SAM2's predicted IoU ``[E, Q]`` and the IoU its thresholded mask achieves (as SAM2 trains it)."""
+    achieved = []
+    for lg, tgt in zip(logits, targets, strict=True):
+        pred = upsample_logits(lg.detach().float(), tuple(tgt.shape[-2:])) > threshold
+        achieved.append(mask_iou(pred, tgt.bool()))
+    return F.l1_loss(iou_pred.float(), torch.stack(achieved).to(iou_pred.device, torch.float32))
 
 
 def mask_losses(logits: list[Tensor], targets: list[Tensor]) -> tuple[Tensor, Tensor]:

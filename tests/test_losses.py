@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from glus_lightning.losses import mask_bce, mask_dice, mask_losses
+from glus_lightning.losses import iou_prediction_loss, mask_bce, mask_dice, mask_losses, presence_loss
 
 
 def _bce_by_hand(logit: float, target: float) -> float:
@@ -48,3 +49,20 @@ def test_mask_losses_average_every_mask_at_target_resolution() -> None:
             per_mask_dice.append(mask_dice(up[f][None], tgt[f][None])[0])
     assert torch.allclose(bce, torch.stack(per_mask_bce).mean(), atol=1e-6)
     assert torch.allclose(dice, torch.stack(per_mask_dice).mean(), atol=1e-6)
+
+
+def test_presence_loss_targets_non_empty_frames() -> None:
+    targets = [torch.tensor([[[0, 0], [0, 0]], [[0, 1], [0, 0]]], dtype=torch.uint8)]  # frame 0 empty, frame 1 not
+    logits = torch.tensor([[-2.0, 3.0]])
+    expected = (_bce_by_hand(-2.0, 0.0) + _bce_by_hand(3.0, 1.0)) / 2
+    assert presence_loss(logits, targets).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_iou_prediction_loss_is_l1_to_the_achieved_iou() -> None:
+    # one expression, two frames: the thresholded prediction covers 2 of 4 pixels, target 1 of them -> IoU 0.5;
+    # the second frame: both empty -> IoU 1
+    logits = [torch.tensor([[[5.0, 5.0], [-5.0, -5.0]], [[-5.0, -5.0], [-5.0, -5.0]]])]
+    targets = [torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)]
+    iou_pred = torch.tensor([[0.7, 0.4]])
+    expected = (abs(0.7 - 0.5) + abs(0.4 - 1.0)) / 2
+    assert iou_prediction_loss(iou_pred, logits, targets, threshold=0.0).item() == pytest.approx(expected, abs=1e-6)

@@ -1,0 +1,55 @@
+"""TensorBoard images of predicted and ground-truth masks over the query frames, for people to look at."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from datamodules.batch import RefVOSBatch
+
+PRED_COLOUR = (255, 60, 60)  # prediction filled in red
+TARGET_COLOUR = (60, 255, 60)  # ground-truth outline in green
+
+
+def overlay(frames: Tensor, pred: Tensor, target: Tensor, alpha: float = 0.5) -> Tensor:
+    """uint8 ``[T, 3, H, W]`` frames with the prediction filled and the target's outline drawn.
+
+    ``pred`` and ``target`` are boolean ``[T, h, w]`` masks of any size; they are resized to the frames.
+    """
+    size = tuple(frames.shape[-2:])
+    pred = F.interpolate(pred[:, None].float(), size=size, mode="nearest")[:, 0].bool()
+    target = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0]
+    outline = (F.max_pool2d(target[:, None], 3, 1, 1)[:, 0] - target).bool()
+    out = frames.float().clone()
+    pred_rgb = torch.tensor(PRED_COLOUR, dtype=out.dtype, device=out.device)[None, :, None, None]
+    out = torch.where(pred[:, None], (1 - alpha) * out + alpha * pred_rgb, out)
+    target_rgb = torch.tensor(TARGET_COLOUR, dtype=out.dtype, device=out.device)[None, :, None, None]
+    out = torch.where(outline[:, None], target_rgb.expand_as(out), out)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+class MaskOverlayLogger(L.Callback):
+    """Logs, for the first ``num_videos`` validation videos, one strip per expression (frames side by side)."""
+
+    def __init__(self, num_videos: int) -> None:
+        self.num_videos = num_videos
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: RefVOSBatch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx >= self.num_videos or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is None or not outputs:
+            return
+        frames = batch.query_frames[0]
+        for e, (pred, target) in enumerate(zip(outputs["pred_masks"], batch.masks, strict=True)):
+            strip = torch.cat(list(overlay(frames, pred, target.bool())), dim=-1)  # [3, S, T*S]
+            tag = f"val_overlay/{batch.video_ids[0]}/{e}: {batch.expressions[e]}"
+            logger.experiment.add_image(tag, strip, global_step=trainer.global_step)

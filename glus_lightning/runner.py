@@ -1,0 +1,84 @@
+"""Builds the Lightning objects of a run from the resolved config and runs fit / validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.mask_overlay import MaskOverlayLogger
+from datamodules.datamodule import RefVOSDataModule
+from glus_lightning.config import ConfigError, to_yaml
+from glus_lightning.module import GLUSModule
+
+CONFIG_FILE = "config.yaml"
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int | None]:
+    """The checkpoint to resume from and the log version it belongs to (``ckpt_path: last`` finds the newest)."""
+    if cfg.ckpt_path is None:
+        return None, None
+    if cfg.ckpt_path != "last":
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+        return str(cfg.ckpt_path), None
+    candidates = sorted(Path(cfg.run_dir, cfg.name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(f"ckpt_path=last: no {cfg.run_dir}/{cfg.name}/version_*/checkpoints/last.ckpt to resume")
+    last = candidates[-1]
+    return str(last), int(last.parents[1].name.removeprefix("version_"))
+
+
+def build_trainer(
+    cfg: DictConfig, version: int | None = None, extra_callbacks: list[L.Callback] | None = None
+) -> tuple[L.Trainer, TensorBoardLogger]:
+    logger = TensorBoardLogger(cfg.run_dir, name=cfg.name, version=version)
+    log_dir = Path(logger.log_dir)
+    callbacks = [
+        ModelCheckpoint(dirpath=log_dir / "checkpoints", save_last=True, every_n_train_steps=None, save_top_k=1,
+                        monitor="val/J&F", mode="max", filename="step{step}-jf{val/J&F:.4f}", auto_insert_metric_name=False),
+        LearningRateMonitor(logging_interval="step"),
+        MaskOverlayLogger(cfg.overlay_videos),
+        *(extra_callbacks or []),
+    ]
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer), logger=logger, callbacks=callbacks, default_root_dir=cfg.run_dir)
+    return trainer, logger
+
+
+def save_config(cfg: DictConfig, trainer: L.Trainer, log_dir: Path) -> None:
+    """Print the resolved config and save it beside the run's logs (rank 0 only)."""
+    if trainer.is_global_zero:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        print(f"Resolved config (saved to {log_dir / CONFIG_FILE}):\n{to_yaml(cfg)}")
+
+
+def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:
+    """Train, then validate the final model; prints where the logs and checkpoints are."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path, version = resolve_checkpoint(cfg)
+    trainer, logger = build_trainer(cfg, version, extra_callbacks)
+    log_dir = Path(logger.log_dir)
+    save_config(cfg, trainer, log_dir)
+    datamodule = RefVOSDataModule(cfg.data)
+    model = GLUSModule(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    results = trainer.validate(model, datamodule=datamodule)
+    if trainer.is_global_zero:
+        ckpt = trainer.checkpoint_callback
+        print(f"\nLogs: {log_dir}  (tensorboard --logdir {cfg.run_dir})")
+        print(f"Checkpoints: last {ckpt.last_model_path}  best {ckpt.best_model_path or '-'}")
+    return results[0] if results else {}
+
+
+def validate(cfg: DictConfig) -> dict[str, float]:
+    """J, F and J&F of the configured model (``ckpt_path`` loads trained weights) on the validation split."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path, version = resolve_checkpoint(cfg)
+    trainer, logger = build_trainer(cfg, version)
+    save_config(cfg, trainer, Path(logger.log_dir))
+    results = trainer.validate(GLUSModule(cfg), datamodule=RefVOSDataModule(cfg.data), ckpt_path=ckpt_path)
+    return results[0] if results else {}
