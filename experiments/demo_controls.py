@@ -6,12 +6,13 @@
    text carries no information about the target: it can only learn a prior such as "segment some shape".
 
     python experiments/demo_controls.py [key=value ...]      # the same overrides as `glus fit`
+    python experiments/demo_controls.py [key=value ...] --runs untrained shuffled
 """
 
 from __future__ import annotations
 
+import argparse
 import random
-import sys
 
 import lightning as L
 
@@ -38,17 +39,23 @@ class ShuffledExpressions(L.Callback):
         batch.expressions = shuffled
 
 
-def main(overrides: list[str]) -> None:
-    rows = []
-    untrained = compose([*overrides, "name=demo_untrained"])
-    rows.append(("untrained", runner.validate(untrained)))
-    rows.append(("trained (glus fit)", runner.fit(compose([*overrides, "name=demo_trained"]))))
-    shuffled_cfg = compose([*overrides, "name=demo_shuffled"])
-    rows.append(("trained, shuffled expressions", runner.fit(shuffled_cfg, [ShuffledExpressions(shuffled_cfg.seed)])))
-    print(f"\n{'model':32s} {'J (IoU)':>8s} {'F':>8s} {'J&F':>8s}")
+RUNS = {
+    "untrained": lambda o: runner.validate(compose([*o, "name=demo_untrained"])),
+    "trained": lambda o: runner.fit(compose([*o, "name=demo_trained"])),
+    "shuffled": lambda o: runner.fit(compose([*o, "name=demo_shuffled"]), [ShuffledExpressions(compose(o).seed)]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    rows = [(name, RUNS[name](args.overrides)) for name in args.runs]
+    print(f"\n{'model':12s} {'J (IoU)':>8s} {'F':>8s} {'J&F':>8s}")
     for name, res in rows:
-        print(f"{name:32s} {res['val/J']:8.4f} {res['val/F']:8.4f} {res['val/J&F']:8.4f}")
+        print(f"{name:12s} {res['val/J']:8.4f} {res['val/F']:8.4f} {res['val/J&F']:8.4f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

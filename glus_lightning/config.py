@@ -143,12 +143,22 @@ class TrainerConfig:
 
 
 @dataclass
+class InferenceConfig:
+    window: int = MISSING  # query frames per backbone call when segmenting a whole video
+    kv_cache: bool = MISSING  # encode the shared prompt prefix once per video and reuse its key/value cache
+    overlay: str = MISSING  # "gif", "mp4" or "none": the overlay `glus predict` draws for people to look at
+    overlay_fps: int = MISSING
+    overlay_alpha: float = MISSING  # opacity of the mask colour in the overlay
+
+
+@dataclass
 class GLUSConfig:
     experiment: str = MISSING
     seed: int = MISSING
     run_dir: str = MISSING  # logs, the saved config and checkpoints go under run_dir/name/version
     name: str = MISSING
     ckpt_path: str | None = MISSING  # "last" resumes the latest checkpoint of this run
+    init_weights: str | None = MISSING  # safetensors of GLUSModule tensors copied in at build (imported [SEG] MLP)
     mask_threshold: float = MISSING
     overlay_videos: int = MISSING  # validation videos drawn as mask overlays in TensorBoard
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -157,6 +167,7 @@ class GLUSConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 class ConfigError(ValueError):

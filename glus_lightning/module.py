@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,10 +12,14 @@ from torch import Tensor
 
 from datamodules.batch import RefVOSBatch
 from glus_lightning.backbones import build_backbone
+from glus_lightning.backbones.base import PrefixCache
+from glus_lightning.checkpoints import state as ckpt_state
+from glus_lightning.checkpoints.importers import load_init_weights
 from glus_lightning.heads.seg_projection import SegProjection
 from glus_lightning.losses import iou_prediction_loss, mask_losses, presence_loss, upsample_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.segmentation import build_segmenter
+from glus_lightning.strategies import is_block
 
 
 @dataclass
@@ -40,14 +45,22 @@ class GLUSModule(L.LightningModule):
         self.backbone = build_backbone(cfg.backbone)
         self.segmenter = build_segmenter(cfg.segmenter)
         self.seg_projection = SegProjection(self.backbone.hidden_size, self.segmenter.prompt_dim)
+        if cfg.get("init_weights") is not None:  # published weights from `glus import` (configs saved before the key: none)
+            load_init_weights(self, cfg.init_weights)
+        self.strict_loading = False  # checkpoints hold the trainable state only; on_load_checkpoint checks it
         self.val_metric = JAndF()
+        self.test_metric = JAndF()
+        self.expression_scores: dict[str, dict[str, float]] = {}  # last val/test epoch, keys "dataset/video/exp_id"
 
     # ----------------------------------------------------------------------------------- forward
-    def encode_window(self, batch: RefVOSBatch, query: Tensor) -> tuple[Tensor, Tensor]:
-        """LM loss and projected ``[SEG]`` prompts ``[E, q, P]`` for query frames ``[B, q, 3, S, S]``."""
+    def encode_window(self, batch: RefVOSBatch, query: Tensor, prefix: PrefixCache | None = None) -> tuple[Tensor, Tensor]:
+        """LM loss and projected ``[SEG]`` prompts ``[E, q, P]`` for query frames ``[B, q, 3, S, S]``.
+
+        ``prefix``: the cached prompt prefix of the (single) video's context frames, see ``MLLMBackbone.encode_prefix``.
+        """
         ev = batch.expression_video
         out = self.backbone.encode(
-            batch.context_frames[ev], query[ev], batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg
+            batch.context_frames[ev], query[ev], batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix
         )
         prompts = self.seg_projection(out.seg_hidden.to(self.seg_projection[0].weight.dtype))
         return out.lm_loss, prompts
@@ -65,19 +78,23 @@ class GLUSModule(L.LightningModule):
     def predict_video(self, batch: RefVOSBatch) -> Tensor:
         """Mask logits ``[E, T, h, w]`` for every frame of one video (batch of 1 video, all frames as query).
 
-        Windows of ``data.num_query`` frames share the evaluation context frames; the memory bank is carried
-        across windows, and each frame's image features are computed once.
+        Windows of ``inference.window`` frames share the evaluation context frames; the memory bank is carried
+        across windows, each frame's image features are computed once, and with ``inference.kv_cache`` the prompt
+        prefix (system, context frames, instruction) is encoded once per video instead of once per window.
         """
         if batch.frames.shape[0] != 1:
             raise ValueError(f"predict_video takes one video per batch, got {batch.frames.shape[0]}")
-        window = self.cfg.data.num_query
+        window = self.cfg.inference.window
+        if window < 1:
+            raise ValueError(f"inference.window must be >= 1, got {window}")
         num_frames = batch.num_query
+        prefix = self.backbone.encode_prefix(batch.context_frames[0]) if self.cfg.inference.kv_cache else None
         memory = self.segmenter.new_memory(len(batch.expressions))
         logits = []
         for start in range(0, num_frames, window):
             frame_ids = list(range(start, min(start + window, num_frames)))
             query = batch.query_frames[:, frame_ids]
-            _, prompts = self.encode_window(batch, query)
+            _, prompts = self.encode_window(batch, query, prefix)
             features = self.segmenter.encode_frames(query[0])
             rows = torch.arange(len(frame_ids), device=prompts.device).expand(len(batch.expressions), -1)
             track = self.segmenter.track(self.segmenter.select(features, rows), prompts, memory=memory, frame_ids=frame_ids)
@@ -100,18 +117,54 @@ class GLUSModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate_video(batch, self.val_metric)
+
+    def test_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate_video(batch, self.test_metric)
+
+    def predict_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Any]:
+        """Boolean masks ``[T, H, W]`` per expression at the video's original size (the size of ``batch.masks``)."""
+        logits = self.predict_video(batch)
+        masks = [upsample_logits(lg.float(), tuple(m.shape[-2:])) > self.cfg.mask_threshold for lg, m in zip(logits, batch.masks, strict=True)]
+        return {"video": batch.video_ids[0], "dataset": batch.datasets[0], "expression_ids": batch.expression_ids,
+                "frame_names": batch.frame_names[0], "masks": masks}
+
+    def _evaluate_video(self, batch: RefVOSBatch, metric: JAndF) -> dict[str, Tensor]:
+        """Whole-video masks at the original resolution, scored per expression (validation and test share it)."""
         logits = self.predict_video(batch)
         preds = []
         for lg, target, exp_id in zip(logits, batch.masks, batch.expression_ids, strict=True):
             pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > self.cfg.mask_threshold
-            self.val_metric.update(pred, target.bool(), key=f"{batch.datasets[0]}/{batch.video_ids[0]}/{exp_id}")
+            metric.update(pred, target.bool(), key=f"{batch.datasets[0]}/{batch.video_ids[0]}/{exp_id}")
             preds.append(pred)
         return {"pred_masks": preds}
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_metric.compute()
-        self.log_dict({f"val/{k}": v for k, v in scores.items() if k in ("J", "F", "J&F")}, prog_bar=True, sync_dist=False)
-        self.val_metric.reset()
+        self._log_scores(self.val_metric, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores(self.test_metric, "test")
+
+    def _log_scores(self, metric: JAndF, stage: str) -> None:
+        """Log ``<stage>/J``, ``/F``, ``/J&F`` and keep the per-expression scores (for CSV tables)."""
+        scores = metric.compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in scores.items() if k in ("J", "F", "J&F")}, prog_bar=True, sync_dist=False)
+        self.expression_scores = metric.per_expression()
+        metric.reset()
+
+    # ------------------------------------------------------------------------ scale, checkpoints
+    def configure_model(self) -> None:
+        """FSDP2 (``trainer.strategy=fsdp``): shard the transformer blocks, then the root, over the (nodes, GPUs) mesh."""
+        if self.device_mesh is not None:
+            ckpt_state.shard_fsdp2(self, self.device_mesh, is_block, forward_methods=("predict_video",))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what training changes (frozen weights come from the config)."""
+        checkpoint["state_dict"] = ckpt_state.trainable_state(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Fail clearly on a checkpoint of another model or other training switches."""
+        ckpt_state.check_checkpoint_fits(self, checkpoint, self.cfg.backbone.family)
 
     # -------------------------------------------------------------------------------- optimisers
     def configure_optimizers(self) -> dict:

@@ -1,4 +1,4 @@
-"""Builds the Lightning objects of a run from the resolved config and runs fit / validate."""
+"""Builds the Lightning objects of a run from the resolved config and runs fit / validate / test."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.mask_overlay import MaskOverlayLogger
 from datamodules.datamodule import RefVOSDataModule
+from glus_lightning.checkpoints.checkpoint_io import AtomicCheckpointIO
+from glus_lightning.checkpoints.resume import DataEpochFromLoop, StepSeed
 from glus_lightning.config import ConfigError, to_yaml
+from glus_lightning.evaluation import EvaluationResult, write_csv
 from glus_lightning.module import GLUSModule
+from glus_lightning.strategies import build_strategy
 
 CONFIG_FILE = "config.yaml"
 
@@ -41,10 +45,13 @@ def build_trainer(
         ModelCheckpoint(dirpath=log_dir / "checkpoints", save_last=True, every_n_train_steps=None, save_top_k=1,
                         monitor="val/J&F", mode="max", filename="step{step}-jf{val/J&F:.4f}", auto_insert_metric_name=False),
         LearningRateMonitor(logging_interval="step"),
+        DataEpochFromLoop(),
+        StepSeed(cfg.seed),
         MaskOverlayLogger(cfg.overlay_videos),
         *(extra_callbacks or []),
     ]
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer), logger=logger, callbacks=callbacks, default_root_dir=cfg.run_dir)
+    kwargs = {**OmegaConf.to_container(cfg.trainer), "strategy": build_strategy(cfg.trainer)}
+    trainer = L.Trainer(**kwargs, plugins=[AtomicCheckpointIO()], logger=logger, callbacks=callbacks, default_root_dir=cfg.run_dir)
     return trainer, logger
 
 
@@ -65,7 +72,7 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     save_config(cfg, trainer, log_dir)
     datamodule = RefVOSDataModule(cfg.data)
     model = GLUSModule(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = trainer.validate(model, datamodule=datamodule)
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback
@@ -74,11 +81,26 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     return results[0] if results else {}
 
 
-def validate(cfg: DictConfig) -> dict[str, float]:
-    """J, F and J&F of the configured model (``ckpt_path`` loads trained weights) on the validation split."""
+def validate(cfg: DictConfig, csv: str | Path | None = None) -> dict[str, float]:
+    """J, F and J&F of the configured model (``ckpt_path`` loads trained weights) on the validation split.
+
+    ``csv``: also write per-expression, per-video and overall scores there.
+    """
+    return _evaluate(cfg, "validate", csv)
+
+
+def test(cfg: DictConfig, csv: str | Path | None = None) -> dict[str, float]:
+    """Lightning's test loop over ``data.val``: ``test/J``, ``test/F``, ``test/J&F`` (and ``csv`` as in validate)."""
+    return _evaluate(cfg, "test", csv)
+
+
+def _evaluate(cfg: DictConfig, loop: str, csv: str | Path | None) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path, version = resolve_checkpoint(cfg)
     trainer, logger = build_trainer(cfg, version)
     save_config(cfg, trainer, Path(logger.log_dir))
-    results = trainer.validate(GLUSModule(cfg), datamodule=RefVOSDataModule(cfg.data), ckpt_path=ckpt_path)
+    model = GLUSModule(cfg)
+    results = getattr(trainer, loop)(model, datamodule=RefVOSDataModule(cfg.data), ckpt_path=ckpt_path, weights_only=True)
+    if csv is not None and trainer.is_global_zero:
+        print(f"Per-expression scores: {write_csv(EvaluationResult.from_expressions(model.expression_scores), csv)}")
     return results[0] if results else {}

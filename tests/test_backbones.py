@@ -199,8 +199,8 @@ def expected_trainable(bb: MLLMBackbone, cfg, name: str, param: nn.Parameter) ->
         return True
     if name.startswith(bb.projector_module + "."):
         return cfg.train_projector
-    if name.startswith(bb.vision_module + "."):
-        return cfg.train_vision_tower
+    if name.startswith(bb.vision_module + "."):  # less the layers the family never reads
+        return cfg.train_vision_tower and all(param is not p for p in bb.unused_vision_parameters(hf))
     if param is hf.get_input_embeddings().weight:
         return cfg.train_embeddings
     if param is hf.get_output_embeddings().weight:
@@ -228,6 +228,7 @@ def test_gradients_reach_exactly_the_configured_parts(family, flags):
     for name, param in bb.hf_model.named_parameters():
         trainable = expected_trainable(bb, cfg, name, param)
         assert param.requires_grad == trainable, name
+        assert not trainable or param.grad is not None, f"trainable but never reached: {name}"
         if not trainable:
             assert param.grad is None, name
             continue

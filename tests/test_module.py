@@ -118,3 +118,16 @@ def test_short_training_run_lowers_loss_and_raises_iou(data_root: Path) -> None:
     iou_after = _mean_iou(model, batch)
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
     assert iou_after > iou_before + 0.25, (iou_before, iou_after)
+
+
+@pytest.mark.parametrize("freezing", [
+    (),  # the demo: nothing pretrained, so towers and memory train too
+    ("backbone.train_vision_tower=false", "segmenter.train_image_encoder=false", "segmenter.train_memory=false"),  # reference
+])
+def test_every_trainable_parameter_gets_a_gradient(data_root: Path, freezing: tuple[str, ...]) -> None:
+    """Strict DDP (find_unused_parameters=False) needs every trainable parameter to be reached by the loss."""
+    cfg = tiny_config(data_root, *freezing)
+    model = GLUSModule(cfg)
+    model.training_step(first_batch(cfg), 0).backward()
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not idle

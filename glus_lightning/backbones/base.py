@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import Tensor, nn
 from transformers import AutoTokenizer, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
 
 from glus_lightning.config import BackboneConfig, ConfigError
 
@@ -61,6 +62,33 @@ class Conversations:
 
     def to(self, device: torch.device | str) -> Conversations:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class Past:
+    """The language model's key/value cache that a forward continues (and appends to)."""
+
+    cache: DynamicCache
+    length: int  # tokens already in the cache
+    next_position: int  # rope position of the next token (not ``length`` under Qwen's 3-D rope)
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of a video's shared conversation prefix (system prompt, context images, instruction).
+
+    Every window of a video starts its E conversations with the same prefix, so it is encoded once per video
+    (batch 1) and each window's query turns attend to it instead of recomputing it.
+    """
+
+    ids: list[int]  # the prefix tokens
+    layers: list[tuple[Tensor, Tensor]]  # per layer: keys, values [1, heads, P, head_dim]
+    next_position: int
+
+    def past(self, batch: int) -> Past:
+        """A fresh cache for ``batch`` conversations; forwards append to it and leave the stored prefix untouched."""
+        layers = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers]
+        return Past(DynamicCache(layers), len(self.ids), self.next_position)
 
 
 def plain(node: Any) -> Any:
@@ -124,8 +152,16 @@ class MLLMBackbone(nn.Module, ABC):
         """One conversation in the family's chat format (one answer per query)."""
 
     @abstractmethod
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor) -> Tensor:
-        """[E, L, D] last-layer hidden states; ``frames`` uint8 [E * (C + Q), 3, S, S] in placeholder order."""
+    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
+        """[E, L, D] last-layer hidden states; ``frames`` uint8 [N, 3, S, S] in placeholder order.
+
+        With ``past`` the tokens continue its cache (their attention mask covers only themselves; see
+        ``language_inputs``) and are appended to it; without, a plain forward that caches nothing.
+        """
+
+    def next_position(self, conversations: Conversations, num_images: int) -> int:
+        """Rope position after a one-row conversation; families with their own position scheme override it."""
+        return conversations.input_ids.shape[1]
 
     @classmethod
     @abstractmethod
@@ -142,6 +178,10 @@ class MLLMBackbone(nn.Module, ABC):
 
     def _check_checkpoint_config(self, config: dict[str, Any], path: Path) -> None:
         """Raise ConfigError for a checkpoint of the right model_type in a layout that cannot load."""
+
+    def unused_vision_parameters(self, hf: PreTrainedModel) -> list[nn.Parameter]:
+        """Vision-tower parameters the forward never reaches (the family reads an earlier layer)."""
+        return []
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -202,6 +242,8 @@ class MLLMBackbone(nn.Module, ABC):
             get_peft_model(hf, language_model_lora(cfg.lora, self.language_model_module)) if cfg.lora.enabled else hf
         )
         hf.get_submodule(self.vision_module).requires_grad_(cfg.train_vision_tower)
+        for param in self.unused_vision_parameters(hf):  # never reached by the forward: trained, they idle under DDP
+            param.requires_grad_(False)
         hf.get_submodule(self.projector_module).requires_grad_(cfg.train_projector)  # after: Qwen's sits in the tower
         if cfg.train_embeddings:
             hf.get_input_embeddings().requires_grad_(True)
@@ -291,16 +333,51 @@ class MLLMBackbone(nn.Module, ABC):
         vision_dtype = next(self.hf_model.get_submodule(self.vision_module).parameters()).dtype
         return ((x - mean) / std).to(vision_dtype)
 
-    def encode(self, context: Tensor, query: Tensor, expressions: list[str], ce_only_seg: bool) -> BackboneOutput:
-        """context uint8 [E, C, 3, S, S], query uint8 [E, Q, 3, S, S]: one conversation per expression."""
+    def encode(
+        self, context: Tensor, query: Tensor, expressions: list[str], ce_only_seg: bool, prefix: PrefixCache | None = None
+    ) -> BackboneOutput:
+        """context uint8 [E, C, 3, S, S], query uint8 [E, Q, 3, S, S]: one conversation per expression.
+
+        ``prefix`` (from ``encode_prefix`` of the same context frames) skips recomputing the shared prefix:
+        only the query turns run, attending to its cache; outputs are the same as without it.
+        """
         _check_frames(context, query, expressions)
         conversations = self.build_inputs(expressions, context.shape[1], query.shape[1], ce_only_seg).to(query.device)
-        hidden = self.last_hidden_state(conversations, torch.cat([context, query], dim=1).flatten(0, 1))
+        if prefix is None:
+            hidden = self.last_hidden_state(conversations, torch.cat([context, query], dim=1).flatten(0, 1))
+        else:
+            conversations = _after_prefix(conversations, prefix.ids)
+            hidden = self.last_hidden_state(conversations, query.flatten(0, 1), prefix.past(len(expressions)))
         rows = torch.arange(len(expressions), device=hidden.device)[:, None]
         return BackboneOutput(
             lm_loss=self._lm_loss(hidden, conversations.labels),
             seg_hidden=hidden[rows, conversations.seg_positions - 1],
         )
+
+    def encode_prefix(self, context: Tensor) -> PrefixCache:
+        """The cache of the conversation prefix shared by every expression and window over ``context`` uint8 [C, 3, S, S]."""
+        if context.dtype != torch.uint8 or context.dim() != 4 or context.shape[1] != 3:
+            raise ValueError(f"context frames must be uint8 [C, 3, S, S], got {context.dtype} {tuple(context.shape)}")
+        ids, _, _ = self._tokenize(self.conversation(context.shape[0], self.context_instruction, [], []), ce_only_seg=True)
+        input_ids = torch.tensor([ids], device=context.device)
+        conversations = Conversations(
+            input_ids, torch.ones_like(input_ids), torch.full_like(input_ids, IGNORE_INDEX), input_ids.new_zeros(1, 0)
+        )
+        past = Past(DynamicCache(), 0, 0)
+        self.last_hidden_state(conversations, context, past)
+        layers = [(layer.keys, layer.values) for layer in past.cache.layers]
+        return PrefixCache(ids, layers, self.next_position(conversations, context.shape[0]))
+
+    def language_inputs(self, conversations: Conversations, past: Past | None) -> dict[str, Any]:
+        """Attention mask and cache arguments of the Hugging Face forward (the mask spans the cached tokens too)."""
+        if past is None:
+            return {"attention_mask": conversations.attention_mask, "use_cache": False}
+        mask = conversations.attention_mask
+        return {
+            "attention_mask": torch.cat([mask.new_ones(mask.shape[0], past.length), mask], dim=1),
+            "cache": past.cache,
+            "use_cache": True,
+        }
 
     def _lm_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """Next-token CE with logits computed only where a target is labelled (the vocabulary is large)."""
@@ -336,6 +413,18 @@ def chatml(
             parts.append("\n<|im_start|>user\n")
         parts += [image, image_sep, f"{query}<|im_end|>\n<|im_start|>assistant\n", Answer(f"{answer}<|im_end|>")]
     return parts
+
+
+def _after_prefix(conversations: Conversations, prefix_ids: list[int]) -> Conversations:
+    """The part of each conversation after the shared prefix (which must be where the conversations start)."""
+    p = len(prefix_ids)
+    expected = conversations.input_ids.new_tensor(prefix_ids)
+    if conversations.input_ids.shape[1] <= p or not (conversations.input_ids[:, :p] == expected).all():
+        raise ValueError("the conversations do not start with the cached prefix: encode_prefix must use the same context frames count")
+    return Conversations(
+        conversations.input_ids[:, p:], conversations.attention_mask[:, p:], conversations.labels[:, p:],
+        conversations.seg_positions - p,
+    )
 
 
 def _checked_templates(cfg: BackboneConfig | DictConfig) -> tuple[list[str], list[str]]:

@@ -15,7 +15,7 @@ from transformers import (
 
 from glus_lightning.config import ConfigError
 
-from .base import Conversations, MLLMBackbone, Part, chatml, tiny_section
+from .base import Conversations, MLLMBackbone, Part, Past, chatml, tiny_section
 from .tiny_tokenizer import TinyTokens
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternViT's normalisation
@@ -52,12 +52,11 @@ class InternVLBackbone(MLLMBackbone):
         image = [ids("<img>"), *[self.hf_model.config.image_token_id] * self.tokens_per_image, ids("</img>")]
         return chatml(self.system_prompt, image, "\n", num_context, instruction, queries, answers)
 
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor) -> Tensor:
+    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            attention_mask=conversations.attention_mask,
             pixel_values=self.pixel_values(frames),
-            use_cache=False,
+            **self.language_inputs(conversations, past),
         ).last_hidden_state
 
     @classmethod

@@ -13,13 +13,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PretrainedConfig, PreTrainedTokenizerBase
+from torch import Tensor, nn
+from transformers import (
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
-from .base import Answer, Conversations, MLLMBackbone, Part, tiny_section
+from .base import Answer, Conversations, MLLMBackbone, Part, Past, tiny_section
 from .tiny_tokenizer import TinyTokens
 
 IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
@@ -82,6 +89,14 @@ class LlavaBackbone(MLLMBackbone):
             parts += [image, f"\n{query} ASSISTANT:", Answer(f"{answer}</s>")]
         return parts
 
+    def unused_vision_parameters(self, hf: PreTrainedModel) -> list[nn.Parameter]:
+        """CLIP layers after ``vision_feature_layer`` and the final norm (it only feeds the unused pooled output)."""
+        tower = hf.model.vision_tower
+        layers = hf.config.vision_feature_layer
+        num_states = len(tower.encoder.layers) + 1  # hidden_states[0] is the embedding output
+        used = max(i % num_states for i in ([layers] if isinstance(layers, int) else layers))
+        return [*tower.post_layernorm.parameters(), *(p for layer in tower.encoder.layers[used:] for p in layer.parameters())]
+
     def image_features(self, pixels: Tensor) -> Tensor:
         """[N, tokens_per_image, D]: selected CLIP layer, CLS dropped, k x k average pool, projector."""
         model = self.hf_model.model
@@ -97,13 +112,12 @@ class LlavaBackbone(MLLMBackbone):
         pooled = F.avg_pool2d(grid, self.image_token_pool).flatten(2).transpose(1, 2)
         return model.multi_modal_projector(pooled)
 
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor) -> Tensor:
+    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
         features = self.image_features(self.pixel_values(frames))
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            attention_mask=conversations.attention_mask,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
-            use_cache=False,
+            **self.language_inputs(conversations, past),
         ).last_hidden_state
 
     @classmethod

@@ -16,7 +16,7 @@ from transformers import (
 
 from glus_lightning.config import ConfigError
 
-from .base import Conversations, MLLMBackbone, Part, chatml, tiny_section
+from .base import Conversations, MLLMBackbone, Part, Past, chatml, tiny_section
 from .tiny_tokenizer import TinyTokens
 
 
@@ -63,21 +63,45 @@ class Qwen2_5_VLBackbone(MLLMBackbone):
         image = [config.vision_start_token_id, *[config.image_token_id] * self.tokens_per_image, config.vision_end_token_id]
         return chatml(self.system_prompt, image, "", num_context, instruction, queries, answers)
 
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor) -> Tensor:
-        config = self.hf_model.config
-        vision = config.vision_config
-        patches, grid_h, grid_w = self.image_processor.patchify(
+    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
+        vision = self.hf_model.config.vision_config
+        patches, _, _ = self.image_processor.patchify(
             self.pixel_values(frames), vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
         )
-        grid_thw = torch.tensor([1, grid_h, grid_w], device=frames.device).expand(len(frames), 3)
+        grid_thw = self._grid_thw(len(frames), frames.device)
+        positions = None
+        if past is not None and past.length:  # 3-D rope of the continuation, shifted to start after the cached prefix
+            positions = self._rope_positions(conversations, grid_thw) + past.next_position
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            attention_mask=conversations.attention_mask,
             pixel_values=patches.flatten(0, 1),
             image_grid_thw=grid_thw,
-            mm_token_type_ids=(conversations.input_ids == config.image_token_id).int(),
-            use_cache=False,
+            mm_token_type_ids=self._image_token_types(conversations),
+            position_ids=positions,
+            **self.language_inputs(conversations, past),
         ).last_hidden_state
+
+    def next_position(self, conversations: Conversations, num_images: int) -> int:
+        grid_thw = self._grid_thw(num_images, conversations.input_ids.device)
+        return int(self._rope_positions(conversations, grid_thw).max()) + 1
+
+    def _grid_thw(self, num_images: int, device: torch.device) -> Tensor:
+        vision = self.hf_model.config.vision_config
+        side = self.image_size // vision.patch_size
+        return torch.tensor([1, side, side], device=device).expand(num_images, 3)
+
+    def _image_token_types(self, conversations: Conversations) -> Tensor:
+        return (conversations.input_ids == self.hf_model.config.image_token_id).int()
+
+    def _rope_positions(self, conversations: Conversations, grid_thw: Tensor) -> Tensor:
+        """[3, E, L] Qwen2.5-VL 3-D rope positions of conversations that start at position 0."""
+        positions, _ = self.hf_model.model.get_rope_index(
+            conversations.input_ids,
+            image_grid_thw=grid_thw,
+            attention_mask=conversations.attention_mask,
+            mm_token_type_ids=self._image_token_types(conversations),
+        )
+        return positions
 
     @classmethod
     def tiny_model(

@@ -49,14 +49,15 @@ TEST_SIZE_OVERRIDES = [
 PARAM_GROUPS = {
     "train_image_encoder": ("image_encoder.",),
     "train_memory": (
-        "memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc",
+        "memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_embed",
         "no_obj_embed_spatial", "obj_ptr_proj.", "obj_ptr_tpos_proj.", "no_obj_ptr",
     ),
     "train_mask_decoder": ("sam_mask_decoder.",),
 }
-# Always frozen: the prompt encoder (only its no-mask embedding is used, as in the reference) and the
-# mask-input downsampler (unused: there are no mask prompts).
-FROZEN_PREFIXES = ("sam_prompt_encoder.", "mask_downsample.")
+# Always frozen: the prompt encoder (only its no-mask embedding is used, as in the reference), the
+# mask-input downsampler (unused: there are no mask prompts) and no_mem_pos_enc (unused: every official
+# config adds no_mem_embed directly instead of attending to it).
+FROZEN_PREFIXES = ("sam_prompt_encoder.", "mask_downsample.", "no_mem_pos_enc")
 
 
 class SegmenterConfigError(ValueError):

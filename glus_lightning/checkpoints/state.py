@@ -1,0 +1,56 @@
+"""What a training checkpoint holds of the model: only what training changes.
+
+Frozen weights (the pretrained MLLM and SAM2 parts, or a tiny model's seeded random init) are rebuilt from the
+config when the module is constructed, so a checkpoint keeps the trainable parameters (LoRA adapters, heads,
+decoder, trained embeddings) and the buffers. Loading checks that the checkpoint fits the module: same backbone
+family, every trainable parameter present, no unknown key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def trainable_state(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``state_dict`` (``module``'s) that are trainable parameters or buffers."""
+    keep = {name for name, p in module.named_parameters() if p.requires_grad} | {name for name, _ in module.named_buffers()}
+    return {k: v for k, v in state_dict.items() if k in keep}
+
+
+def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], family: str) -> None:
+    """Raise ValueError naming what differs when ``checkpoint`` was not written by a module like ``module``."""
+    config = checkpoint.get("hyper_parameters", {}).get("config", {})
+    saved = config.get("backbone", {}).get("family")
+    if saved != family:
+        raise ValueError(
+            f"checkpoint was trained with backbone.family={saved!r} but this model is backbone.family={family!r}; "
+            f"use backbone={saved} (or the config saved with the checkpoint)"
+        )
+    keys = set(checkpoint.get("state_dict", {}))
+    if not keys:  # FSDP ranks other than 0 see an empty dict: the strategy loaded it already
+        return
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - keys)
+    unknown = sorted(keys - set(module.state_dict()))
+    if missing or unknown:
+        raise ValueError(
+            "checkpoint does not fit this model (different LoRA / training switches?): "
+            f"{len(missing)} trainable parameters missing {missing[:5]}, {len(unknown)} unknown keys {unknown[:5]}"
+        )
+
+
+def shard_fsdp2(module: nn.Module, mesh: Any, is_block: Any, forward_methods: tuple[str, ...]) -> None:
+    """FSDP2: each block its own unit, then the root; ``forward_methods`` gather the root's weights like forward."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    if isinstance(module, FSDPModule):  # configure_model runs again for validate after fit
+        return
+    for sub in module.modules():
+        if is_block(sub):
+            fully_shard(sub, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    for name in forward_methods:
+        register_fsdp_forward_method(module, name)
+

@@ -1,0 +1,354 @@
+"""``glus evaluate``: J, F and J&F of saved prediction PNGs against official ground truth.
+
+Predictions are ``<pred>/<video>/<exp_id>/<frame>.png`` (0/255, nonzero = object), also accepted
+under ``<pred>/Annotations/`` or inside a ``.zip`` of that layout (the benchmark servers' format).
+Ground truth is either MeViS (``mask_dict.json``: anno_id -> COCO RLE or null per frame; an
+expression's target is the union of its ``anno_id`` masks) or Ref-YouTube-VOS / Ref-DAVIS17
+(``Annotations/<video>/<frame>.png`` palette PNGs of object ids; target = ``png == obj_id``, only
+frames that have a PNG are scored, as annotations may be sparse). ``meta_expressions.json`` lists
+the videos, frames and expressions to score.
+
+A missing prediction (an expression folder or a single frame) is scored as an empty mask and
+listed, never an error: the reference evaluation crashing there is a known fault. Malformed ground
+truth, metadata or prediction files raise an error naming the file.
+
+Scores use :class:`~glus_lightning.metrics.JAndF` on each expression's whole frame stack; per video
+J and F are the mean over its expressions, overall ones the mean over all expressions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from datamodules.converters import (
+    ConversionError,
+    _check_rle,
+    _expression_items,
+    _frame_names,
+    _id_list,
+    _load_json,
+    _read_ids,
+    _videos,
+)
+from datamodules.records import RecordError, decode_rle
+from glus_lightning.metrics import JAndF
+
+SCORES = ("J", "F", "J&F")
+CSV_COLUMNS = ("level", "video", "exp_id", "frames", "missing_frames", *SCORES)
+
+
+class EvaluationError(ValueError):
+    """Ground truth, metadata or a prediction file is malformed; the message names the file."""
+
+
+@dataclass
+class Target:
+    """Ground truth of one expression: the frames to score and their boolean masks ``[T, H, W]``."""
+
+    video: str
+    exp_id: str
+    frames: list[str]
+    masks: np.ndarray
+
+    @property
+    def key(self) -> str:
+        return f"{self.video}/{self.exp_id}"
+
+
+@dataclass
+class EvaluationResult:
+    """Scores per expression (keys ``"<video>/<exp_id>"``), per video and overall, plus missing predictions."""
+
+    expressions: dict[str, dict[str, float]]
+    videos: dict[str, dict[str, float]]
+    overall: dict[str, float]
+    frames: dict[str, int] = field(default_factory=dict)  # expression key -> frames scored
+    missing: dict[str, int] = field(default_factory=dict)  # expression key -> frames without a prediction
+
+    @classmethod
+    def from_expressions(
+        cls, expressions: dict[str, dict[str, float]], frames: dict[str, int] | None = None, missing: dict[str, int] | None = None
+    ) -> EvaluationResult:
+        """Aggregate per-expression scores (e.g. ``JAndF.per_expression()``); the video is the key up to its last ``/``."""
+        by_video: dict[str, list[dict[str, float]]] = {}
+        for key, scores in expressions.items():
+            by_video.setdefault(key.rpartition("/")[0], []).append(scores)
+        videos = {video: _mean_scores(rows) for video, rows in by_video.items()}
+        return cls(expressions, videos, _mean_scores(list(expressions.values())), frames or {}, missing or {})
+
+
+def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean J and F of expressions and their J&F (NaN when there are none)."""
+    j = float(np.mean([r["J"] for r in rows])) if rows else float("nan")
+    f = float(np.mean([r["F"] for r in rows])) if rows else float("nan")
+    return {"J": j, "F": f, "J&F": (j + f) / 2}
+
+
+# ------------------------------------------------------------------------------------ predictions
+
+
+class Predictions:
+    """Prediction PNGs in a directory (optionally under ``Annotations/``) or a ``.zip`` of either layout."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._zip: zipfile.ZipFile | None = None
+        if self.path.is_file() and self.path.suffix == ".zip":
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except zipfile.BadZipFile as err:
+                raise EvaluationError(f"{self.path}: not a readable zip file ({err})") from err
+            names = self._zip.namelist()
+            marked = next((n for n in names if "Annotations/" in n), None)
+            self._prefix = marked[: marked.index("Annotations/") + len("Annotations/")] if marked else ""
+            self._names = set(names)
+        elif self.path.is_dir():
+            self._root = self.path / "Annotations" if (self.path / "Annotations").is_dir() else self.path
+        else:
+            raise EvaluationError(f"--pred {self.path}: neither a prediction directory nor a .zip file")
+
+    def _png(self, video: str, exp_id: str, frame: str) -> tuple[str, bytes] | None:
+        """Where the PNG of one frame is and its bytes, or None when there is none."""
+        relative = f"{video}/{exp_id}/{frame}.png"
+        if self._zip is not None:
+            name = self._prefix + relative
+            return (f"{self.path}:{name}", self._zip.read(name)) if name in self._names else None
+        file = self._root / relative
+        return (str(file), file.read_bytes()) if file.is_file() else None
+
+    def read(self, video: str, exp_id: str, frame: str, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+        """Boolean mask of one frame (checked to be ``shape`` when given), or None when there is no prediction for it."""
+        found = self._png(video, exp_id, frame)
+        if found is None:
+            return None
+        where, data = found
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                mask = np.asarray(img if img.mode in ("1", "L", "P") else img.convert("L")) != 0
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise EvaluationError(f"{where}: not a readable PNG ({err})") from err
+        if shape is not None and mask.shape != shape:
+            got, want = f"{mask.shape[1]}x{mask.shape[0]}", f"{shape[1]}x{shape[0]}"
+            raise EvaluationError(f"{where}: prediction is {got}, its ground truth is {want}")
+        return mask
+
+    def size(self, video: str, exp_ids: list[str], frames: list[str]) -> tuple[int, int] | None:
+        """Height and width of the first prediction of a video, if any (for ground truth without any mask)."""
+        for exp_id in exp_ids:
+            for frame in frames:
+                mask = self.read(video, exp_id, frame)
+                if mask is not None:
+                    return mask.shape
+        return None
+
+
+# ----------------------------------------------------------------------------------- ground truth
+
+GroundTruth = Callable[[Predictions], Iterator[Target]]
+
+
+def _meta_videos(meta: Path) -> dict[str, Any]:
+    if not Path(meta).is_file():
+        raise EvaluationError(f"--meta {meta}: file not found")
+    return _videos(Path(meta))
+
+
+def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
+    """Number of expressions and a reader of MeViS targets (union of each expression's ``anno_id`` masks)."""
+    videos = _meta_videos(meta)
+    if not Path(mask_dict).is_file():
+        raise EvaluationError(f"--gt {mask_dict}: file not found")
+    rles = _load_json(Path(mask_dict))
+    if not isinstance(rles, dict):
+        raise EvaluationError(f"{mask_dict}: expected an object {{anno_id: [RLE or null per frame]}}, got {type(rles).__name__}")
+
+    def read(predictions: Predictions) -> Iterator[Target]:
+        for video, entry in videos.items():
+            where = f"{meta}: video {video!r}"
+            frames = _frame_names(entry, where)
+            items = _expression_items(entry, where)
+            annos = {exp_id: _id_list(exp, "anno_id", f"{where} expression {exp_id}") for exp_id, exp in items}
+            for exp_id, ids in annos.items():
+                for anno_id in ids:
+                    _check_object(rles.get(anno_id), len(frames), f"{mask_dict}: anno_id {anno_id} of {video}/{exp_id}")
+            sizes = [rle.get("size") for ids in annos.values() for a in ids for rle in rles[a] if isinstance(rle, dict)]
+            # a video without any ground-truth mask takes its size from the predictions; 1x1 if none (all empty: J = F = 1)
+            if sizes:
+                shape = _rle_shape(sizes[0], f"{mask_dict} ({video})")
+            else:
+                shape = predictions.size(video, list(annos), frames) or (1, 1)
+            decoded: dict[str, np.ndarray] = {}
+            for exp_id, ids in annos.items():
+                target = np.zeros((len(frames), *shape), dtype=bool)
+                for anno_id in ids:
+                    if anno_id not in decoded:
+                        decoded[anno_id] = _decode_object(rles[anno_id], shape, f"{mask_dict}: anno_id {anno_id} ({video})")
+                    target |= decoded[anno_id]
+                yield Target(video, exp_id, frames, target)
+
+    return sum(len(_expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
+
+
+def _check_object(per_frame: Any, num_frames: int, where: str) -> None:
+    if not isinstance(per_frame, list) or len(per_frame) != num_frames:
+        got = "no entry" if per_frame is None else f"{len(per_frame)} entries" if isinstance(per_frame, list) else per_frame
+        raise EvaluationError(f"{where}: must be a list of {num_frames} RLEs or nulls (one per frame), got {got}")
+
+
+def _rle_shape(size: Any, where: str) -> tuple[int, int]:
+    if not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise EvaluationError(f"{where}: malformed RLE, 'size' must be [height, width], got {str(size)[:40]}")
+    return size[0], size[1]
+
+
+def _decode_object(per_frame: list[Any], shape: tuple[int, ...], where: str) -> np.ndarray:
+    masks = np.zeros((len(per_frame), *shape), dtype=bool)
+    for t, rle in enumerate(per_frame):
+        if rle is not None:
+            _check_rle(rle, shape[0], shape[1], f"{where} frame {t}")
+            masks[t] = decode_rle(rle, f"{where} frame {t}") != 0
+    return masks
+
+
+def palette_ground_truth(annotations: Path, meta: Path) -> tuple[int, GroundTruth]:
+    """Number of expressions and a reader of Ref-YouTube-VOS / Ref-DAVIS17 targets (``png == obj_id``)."""
+    videos = _meta_videos(meta)
+    root = Path(annotations)
+    if (root / "Annotations").is_dir():
+        root = root / "Annotations"
+    if not root.is_dir():
+        raise EvaluationError(f"--gt {annotations}: neither mask_dict.json nor an Annotations directory")
+
+    def read(predictions: Predictions) -> Iterator[Target]:
+        for video, entry in videos.items():
+            where = f"{meta}: video {video!r}"
+            video_dir = root / video
+            frames = [n for n in _frame_names(entry, where) if (video_dir / f"{n}.png").is_file()]
+            if not frames:
+                raise EvaluationError(f"{where}: no ground-truth PNG for any of its frames in {video_dir}")
+            try:
+                with Image.open(video_dir / f"{frames[0]}.png") as img:
+                    height, width = img.height, img.width
+            except (OSError, ValueError, SyntaxError) as err:
+                raise EvaluationError(f"{video_dir / frames[0]}.png: not a readable PNG ({err})") from err
+            ids = np.stack([_read_ids(video_dir / f"{n}.png", height, width) for n in frames])
+            for exp_id, exp in _expression_items(entry, where):
+                raw = exp.get("obj_id")  # "1" in Ref-YouTube-VOS; a list is taken as the union of its objects
+                obj_ids = _id_list({"obj_id": raw if isinstance(raw, list) else [raw]}, "obj_id", f"{where} expression {exp_id}")
+                yield Target(video, exp_id, frames, np.isin(ids, [int(o) for o in obj_ids]))
+
+    return sum(len(_expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
+
+
+def open_ground_truth(gt: str | Path, meta: str | Path) -> tuple[int, GroundTruth]:
+    """MeViS when ``gt`` is a ``.json`` file (``mask_dict.json``), else an ``Annotations`` directory of palette PNGs."""
+    gt, meta = Path(gt), Path(meta)
+    return mevis_ground_truth(gt, meta) if gt.suffix == ".json" else palette_ground_truth(gt, meta)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool = True) -> EvaluationResult:
+    """Score the predictions at ``pred`` against ``gt`` for every expression of ``meta`` (see the module doc)."""
+    total, targets = open_ground_truth(gt, meta)
+    predictions = Predictions(pred)
+    metric = JAndF().set_dtype(torch.float64)  # per-expression values go to the CSV at full precision
+    frames: dict[str, int] = {}
+    missing: dict[str, int] = {}
+    for target in tqdm(targets(predictions), total=total, desc="evaluate", unit="expr", disable=not progress):
+        pred_masks = np.zeros_like(target.masks)
+        absent = 0
+        for t, frame in enumerate(target.frames):
+            mask = predictions.read(target.video, target.exp_id, frame, target.masks.shape[1:])
+            if mask is None:
+                absent += 1
+            else:
+                pred_masks[t] = mask
+        metric.update(torch.from_numpy(pred_masks), torch.from_numpy(target.masks), key=target.key)
+        frames[target.key] = len(target.frames)
+        if absent:
+            missing[target.key] = absent
+    return EvaluationResult.from_expressions(metric.per_expression(), frames, missing)
+
+
+def write_csv(result: EvaluationResult, path: str | Path) -> Path:
+    """One row per expression, then per video, then ``overall``; scores as fractions in [0, 1], frames empty if unknown."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for key, scores in result.expressions.items():
+            video, _, exp_id = key.rpartition("/")
+            counts = [result.frames.get(key, ""), result.missing.get(key, 0)]
+            writer.writerow(["expression", video, exp_id, *counts, *_cells(scores)])
+        for video, scores in result.videos.items():
+            keys = [k for k in result.expressions if k.rpartition("/")[0] == video]
+            frames = sum(result.frames.get(k, 0) for k in keys) if result.frames else ""
+            writer.writerow(["video", video, "", frames, sum(result.missing.get(k, 0) for k in keys), *_cells(scores)])
+        counts = [sum(result.frames.values()) if result.frames else "", sum(result.missing.values())]
+        writer.writerow(["overall", "", "", *counts, *_cells(result.overall)])
+    return path
+
+
+def _cells(scores: dict[str, float]) -> list[str]:
+    return [f"{scores[name]:.6f}" for name in SCORES]
+
+
+def format_table(result: EvaluationResult) -> str:
+    """Per-video and overall scores in percent, and the expressions that lacked predictions."""
+    width = max([len("overall"), *(len(v) for v in result.videos)])
+    lines = [f"{'video':<{width}}  {'J':>6}  {'F':>6}  {'J&F':>6}"]
+    rows = [*result.videos.items(), ("overall", result.overall)]
+    for i, (name, scores) in enumerate(rows):
+        if i == len(rows) - 1:
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * scores[s]:6.2f}" for s in SCORES))
+    lines.append(f"{len(result.expressions)} expressions in {len(result.videos)} videos")
+    if result.missing:
+        lines.append(f"missing predictions (scored as empty masks) for {len(result.missing)} expressions:")
+        lines.extend(f"  {key}: {n} of {result.frames.get(key, '?')} frames" for key, n in result.missing.items())
+    return "\n".join(lines)
+
+
+def default_csv_path(pred: str | Path) -> Path:
+    """``<pred>_eval.csv`` beside the prediction directory or zip."""
+    pred = Path(pred)
+    return pred.with_name(f"{pred.stem if pred.suffix == '.zip' else pred.name}_eval.csv")
+
+
+# ---------------------------------------------------------------------------------------- command
+
+
+def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", type=Path, required=True, help="DIR/<video>/<exp_id>/<frame>.png, DIR/Annotations/..., .zip")
+    parser.add_argument("--gt", type=Path, required=True, help="MeViS mask_dict.json or a Ref-YouTube-VOS/DAVIS Annotations dir")
+    parser.add_argument("--meta", type=Path, required=True, help="meta_expressions.json of the split")
+    parser.add_argument("--csv", type=Path, default=None, help="per-expression, video and overall CSV (default: <pred>_eval.csv)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``glus evaluate``: table to stdout, CSV written; exit code 1 with a message on malformed input."""
+    try:
+        result = evaluate(args.pred, args.gt, args.meta, progress=not args.no_progress)
+    except (EvaluationError, ConversionError, RecordError) as err:
+        print(f"glus evaluate: error: {err}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    print(f"CSV: {write_csv(result, args.csv or default_csv_path(args.pred))}")
+    return 0

@@ -1,0 +1,64 @@
+"""Whole-video segmentation of a ``Video`` for a list of expressions with a ``GLUSModule``."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from datamodules.batch import RefVOSBatch
+from datamodules.converters import normalize_expression
+from datamodules.records import Expression
+from datamodules.sampling import eval_context_indices, squash
+from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
+from glus_lightning.inference.sources import Video
+from glus_lightning.losses import upsample_logits
+from glus_lightning.module import GLUSModule
+
+
+def load_module(cfg: DictConfig, device: torch.device | str = "cpu") -> GLUSModule:
+    """The configured model in eval mode (SAM2's multimask fallback on), with ``ckpt_path``'s trained weights.
+
+    Seeded first: the frozen weights of a tiny model are its seeded random init, as in training.
+    """
+    L.seed_everything(cfg.seed, verbose=False)
+    module = GLUSModule(cfg)
+    if cfg.ckpt_path is not None:
+        checkpoint = load_checkpoint(cfg.ckpt_path)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)  # frozen weights come from the config
+    return module.to(device).eval()
+
+
+def video_batch(video: Video, expressions: list[Expression], num_context: int, image_size: int) -> RefVOSBatch:
+    """One video as a prediction batch: segment-middle context frames, then every frame as a query (no targets)."""
+    if not expressions:
+        raise ValueError(f"video {video.name!r}: no expression to segment")
+    num_frames = len(video.frames)
+    context = eval_context_indices(num_frames, num_context)
+    squashed = [squash(f, image_size) for f in video.frames]
+    order = context + list(range(num_frames))
+    return RefVOSBatch(
+        frames=torch.stack([squashed[i] for i in order])[None],
+        num_context=num_context,
+        frame_indices=torch.tensor([order]),
+        expressions=[normalize_expression(e.text) for e in expressions],
+        expression_ids=[e.exp_id for e in expressions],
+        expression_video=torch.zeros(len(expressions), dtype=torch.long),
+        expression_objects=[e.obj_ids for e in expressions],
+        masks=[],
+        video_ids=[video.name],
+        datasets=[video.dataset],
+        video_objects=[()],
+        frame_names=[list(video.frame_names)],
+    )
+
+
+@torch.no_grad()
+def segment_video(module: GLUSModule, video: Video, expressions: list[Expression]) -> list[np.ndarray]:
+    """Boolean masks ``(T, H, W)`` per expression at the video's original size (thresholded mask logits)."""
+    cfg = module.cfg
+    batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size).to(module.device)
+    logits = module.predict_video(batch)
+    return [(upsample_logits(lg.float(), video.size) > cfg.mask_threshold).cpu().numpy() for lg in logits]

@@ -1,0 +1,62 @@
+"""``glus fit`` in a subprocess for the scale and resume tests, recording what they compare.
+
+    python tests/fit_worker.py OUT_DIR [--hang-at-step N] key=value ...
+
+Each rank appends ``{"step", "loss", "videos", "frames", "expressions"}`` per training step to ``OUT_DIR/losses.rank<r>.jsonl`` and, at the end of
+training, the float64 sum of its (gathered) trainable parameters and how many are FSDP2 shards to ``OUT_DIR/params.rank<r>.json``.
+``--hang-at-step N`` stops before step N (its checkpoints already written), touches ``OUT_DIR/hung`` and sleeps,
+so that the test can kill the process there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from glus_lightning import runner
+from glus_lightning.config import compose
+
+
+class Recorder(L.Callback):
+    def __init__(self, out: Path, hang_at_step: int | None) -> None:
+        self.out, self.hang_at_step = out, hang_at_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.hang_at_step:
+            (self.out / "hung").touch()
+            time.sleep(3600)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with open(self.out / f"losses.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"]), "videos": batch.video_ids,
+                                "frames": batch.frame_indices.tolist(), "expressions": batch.expressions}) + "\n")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total, sharded = 0.0, 0
+        for p in pl_module.parameters():
+            if p.requires_grad:
+                sharded += hasattr(p, "full_tensor")  # FSDP2 shards are DTensors
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                total += float(full.detach().double().sum())
+        (self.out / f"params.rank{trainer.global_rank}.json").write_text(json.dumps({"sum": total, "sharded": sharded}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--hang-at-step", type=int, default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    runner.fit(compose(args.overrides), extra_callbacks=[Recorder(args.out, args.hang_at_step)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``glus evaluate`` on tiny ground truth in both official layouts, and ``glus test`` on tiny shards.
+
+Expected scores are computed independently: targets come from the dataset converters' records
+(``VideoRecord.expression_mask``), scores per frame with ``mask_iou`` / ``boundary_f``, then averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_official import write_tiny_mevis, write_tiny_ref_youtube_vos
+from PIL import Image
+
+from datamodules.converters import ConversionError, open_mevis, open_ref_youtube_vos
+from datamodules.datamodule import shard_samples
+from datamodules.prepare import prepare_synthetic
+from datamodules.records import VideoRecord
+from glus_lightning import runner
+from glus_lightning.cli import main
+from glus_lightning.config import compose
+from glus_lightning.evaluation import EvaluationError, default_csv_path, evaluate
+from glus_lightning.metrics import boundary_f, mask_iou
+
+MODES = ("same", "empty", "shifted", "missing", "one_frame_missing")
+
+
+def write_png(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def write_predictions(records: list[VideoRecord], out: Path, all_frames: dict[str, list[str]] | None = None) -> dict:
+    """Predictions cycling through MODES; returns ``{key: (pred [T,H,W], target [T,H,W], mode, missing frames)}``."""
+    cases = {}
+    for record in records:
+        for e, expression in enumerate(record.expressions):
+            mode = MODES[len(cases) % len(MODES)]
+            target = np.stack([record.expression_mask(expression, t) for t in range(record.num_frames)]).astype(bool)
+            pred = {"same": target, "empty": np.zeros_like(target), "shifted": np.roll(target, (2, 3), axis=(1, 2)),
+                    "missing": np.zeros_like(target), "one_frame_missing": target.copy()}[mode]
+            missing = {"missing": record.num_frames, "one_frame_missing": 1}.get(mode, 0)
+            if mode == "one_frame_missing":
+                pred[1] = False
+            if mode != "missing":
+                for t, name in enumerate(record.frame_names):
+                    if not (mode == "one_frame_missing" and t == 1):
+                        write_png(out / record.video / expression.exp_id / f"{name}.png", pred[t])
+                # frames without ground truth get a full mask: it must not be scored
+                for name in set((all_frames or {}).get(record.video, [])) - set(record.frame_names):
+                    write_png(out / record.video / expression.exp_id / f"{name}.png", np.ones_like(target[0]))
+            cases[f"{record.video}/{expression.exp_id}"] = (pred, target, mode, missing)
+    return cases
+
+
+def expected(cases: dict) -> dict[str, tuple[float, float]]:
+    """Mean over frames of per-frame J and F, each frame scored on its own."""
+    scores = {}
+    for key, (pred, target, _, _) in cases.items():
+        pairs = [(torch.from_numpy(p), torch.from_numpy(t)) for p, t in zip(pred, target)]
+        scores[key] = (float(np.mean([mask_iou(p, t).item() for p, t in pairs])),
+                       float(np.mean([boundary_f(p, t).item() for p, t in pairs])))
+    return scores
+
+
+def check_result(result, cases: dict) -> None:
+    want = expected(cases)
+    assert set(result.expressions) == set(want)
+    for key, (j, f) in want.items():
+        got = result.expressions[key]
+        assert got["J"] == pytest.approx(j, abs=1e-9) and got["F"] == pytest.approx(f, abs=1e-9), key
+        assert got["J&F"] == pytest.approx((j + f) / 2, abs=1e-9)
+        mode = cases[key][2]
+        if mode == "same":
+            assert got["J"] == 1.0 and got["F"] == 1.0
+        if mode in ("empty", "missing"):
+            assert got["J"] < 1.0  # every expression's object shows in some frame
+        if mode == "shifted":
+            assert 0.0 < got["J"] < 1.0 and got["F"] < 1.0
+    assert result.overall["J"] == pytest.approx(np.mean([j for j, _ in want.values()]), abs=1e-9)
+    assert result.overall["F"] == pytest.approx(np.mean([f for _, f in want.values()]), abs=1e-9)
+    assert result.missing == {k: c[3] for k, c in cases.items() if c[3]}
+    for video in {k.rpartition("/")[0] for k in want}:
+        own = [v for k, v in want.items() if k.rpartition("/")[0] == video]
+        assert result.videos[video]["J"] == pytest.approx(np.mean([j for j, _ in own]), abs=1e-9)
+
+
+@pytest.fixture
+def mevis(tmp_path: Path) -> tuple[Path, dict]:
+    root = write_tiny_mevis(tmp_path / "mevis", split="valid_u", num_videos=2, frames=5, size=40)
+    records = list(open_mevis(root, "valid_u", 1, False).records())
+    cases = write_predictions(records, tmp_path / "pred")
+    assert {c[2] for c in cases.values()} == set(MODES)
+    return root / "valid_u", cases
+
+
+def test_mevis_scores_match_per_frame_computation(mevis: tuple[Path, dict], tmp_path: Path) -> None:
+    split, cases = mevis
+    result = evaluate(tmp_path / "pred", split / "mask_dict.json", split / "meta_expressions.json", progress=False)
+    check_result(result, cases)
+
+
+def test_ref_youtube_vos_dir_and_zip_layouts(tmp_path: Path) -> None:
+    root = write_tiny_ref_youtube_vos(tmp_path / "ytvos", split="valid", num_videos=2, frames=6, annotate_every=2)
+    records = list(open_ref_youtube_vos(root, "valid", 1, False).records())
+    meta = root / "meta_expressions" / "valid" / "meta_expressions.json"
+    all_frames = {v: e["frames"] for v, e in json.loads(meta.read_text())["videos"].items()}
+    cases = write_predictions(records, tmp_path / "sub" / "Annotations", all_frames)
+    result = evaluate(tmp_path / "sub", root / "valid" / "Annotations", meta, progress=False)
+    check_result(result, cases)
+    # the submission zip layout scores the same
+    with zipfile.ZipFile(tmp_path / "sub.zip", "w") as zf:
+        for png in sorted((tmp_path / "sub").rglob("*.png")):
+            zf.write(png, png.relative_to(tmp_path / "sub").as_posix())
+    zipped = evaluate(tmp_path / "sub.zip", root / "valid", meta, progress=False)
+    assert zipped.expressions == result.expressions and zipped.missing == result.missing
+
+
+def test_cli_table_and_csv(mevis: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    split, cases = mevis
+    pred = tmp_path / "pred"
+    args = ["evaluate", "--pred", str(pred), "--gt", str(split / "mask_dict.json"), "--meta", str(split / "meta_expressions.json")]
+    assert main([*args, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    missing_keys = [k for k, c in cases.items() if c[2] == "missing"]
+    assert "overall" in out and "missing predictions" in out and all(k in out for k in missing_keys)
+    path = default_csv_path(pred)
+    assert path == tmp_path / "pred_eval.csv" and path.is_file()
+    rows = list(csv.DictReader(path.open()))
+    want = expected(cases)
+    expression_rows = {f"{r['video']}/{r['exp_id']}": r for r in rows if r["level"] == "expression"}
+    assert set(expression_rows) == set(want)
+    for key, (j, f) in want.items():
+        row = expression_rows[key]
+        assert float(row["J"]) == pytest.approx(j, abs=1e-6) and float(row["F"]) == pytest.approx(f, abs=1e-6)
+        assert int(row["missing_frames"]) == cases[key][3] and int(row["frames"]) == len(cases[key][1])
+    videos = {k.rpartition("/")[0] for k in want}
+    assert {r["video"] for r in rows if r["level"] == "video"} == videos
+    overall = [r for r in rows if r["level"] == "overall"]
+    assert len(overall) == 1 and float(overall[0]["J&F"]) == pytest.approx(np.mean([(j + f) / 2 for j, f in want.values()]), abs=1e-6)
+    assert int(overall[0]["missing_frames"]) == sum(c[3] for c in cases.values())
+
+
+def test_bad_ground_truth_meta_or_prediction_names_the_file(mevis: tuple[Path, dict], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    split, cases = mevis
+    pred, gt, meta = tmp_path / "pred", split / "mask_dict.json", split / "meta_expressions.json"
+    with pytest.raises(EvaluationError, match="nope.json: file not found"):
+        evaluate(pred, gt, tmp_path / "nope.json", progress=False)
+    with pytest.raises(EvaluationError, match="absent: neither mask_dict.json nor an Annotations directory"):
+        evaluate(pred, tmp_path / "absent", meta, progress=False)
+    with pytest.raises(EvaluationError, match="no_such_pred: neither a prediction directory nor a .zip"):
+        evaluate(tmp_path / "no_such_pred", gt, meta, progress=False)
+    bad_meta = tmp_path / "bad_meta.json"
+    bad_meta.write_text('{"videos": [1, 2]}')
+    with pytest.raises(ConversionError, match="bad_meta.json: expected an object"):
+        evaluate(pred, gt, bad_meta, progress=False)
+    broken = tmp_path / "broken" / "mask_dict.json"
+    broken.parent.mkdir()
+    broken.write_text('{"0": [')
+    with pytest.raises(ConversionError, match="broken/mask_dict.json: malformed JSON"):
+        evaluate(pred, broken, meta, progress=False)
+    masks = json.loads(gt.read_text())
+    dropped = min(masks)
+    del masks[dropped]
+    broken.write_text(json.dumps(masks))
+    with pytest.raises(EvaluationError, match=f"mask_dict.json: anno_id {dropped} of .*: must be a list of 5 RLEs or nulls.*no entry"):
+        evaluate(pred, broken, meta, progress=False)
+    # a prediction of the wrong size is an error naming its file, not a silent resize
+    key = next(k for k, c in cases.items() if c[2] == "same")
+    frame = min((pred / key).glob("*.png"))
+    write_png(frame, np.zeros((7, 9), dtype=bool))
+    with pytest.raises(EvaluationError, match=f"{frame}: prediction is 9x7, its ground truth is 40x40"):
+        evaluate(pred, gt, meta, progress=False)
+    # the command prints the message and fails instead of a traceback
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--meta", str(tmp_path / "nope.json"), "--no-progress"]) == 1
+    assert "glus evaluate: error: --meta" in capsys.readouterr().err
+
+
+def test_glus_test_on_tiny_shards_gives_j_f_and_csv(tmp_path: Path) -> None:
+    prepare_synthetic(tmp_path / "data", seed=3, num_train=1, num_val=1, frames=4, size=32)
+    cfg = compose([f"data.root={tmp_path / 'data'}", "data.num_workers=0", "data.num_context=2", "data.num_query=2",
+                   f"run_dir={tmp_path / 'runs'}"])
+    results = runner.test(cfg, csv=tmp_path / "test.csv")
+    assert set(results) == {"test/J", "test/F", "test/J&F"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+    assert results["test/J&F"] == pytest.approx((results["test/J"] + results["test/F"]) / 2)
+    rows = list(csv.DictReader((tmp_path / "test.csv").open()))
+    expressions = [r for r in rows if r["level"] == "expression"]
+    val_records = [VideoRecord.from_sample(s) for url in sorted((tmp_path / "data" / "val").glob("*.tar"))
+                   for s in shard_samples(str(url), handler=lambda err: False)]
+    assert len(expressions) == sum(len(r.expressions) for r in val_records)
+    overall = next(r for r in rows if r["level"] == "overall")
+    assert float(overall["J"]) == pytest.approx(results["test/J"], abs=1e-6)
+    assert float(overall["F"]) == pytest.approx(results["test/F"], abs=1e-6)

@@ -1,0 +1,80 @@
+"""``glus export``: LoRA merged into a Hugging Face model + SAM2/heads safetensors, reloaded with identical masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_scale import FROZEN
+from transformers import LlavaForConditionalGeneration
+
+from datamodules.datamodule import RefVOSDataModule
+from datamodules.prepare import prepare_synthetic
+from glus_lightning.checkpoints.checkpoint_io import atomic_torch_save
+from glus_lightning.checkpoints.export import export_model, load_export, model_from_checkpoint
+from glus_lightning.cli import main
+from glus_lightning.config import compose
+from glus_lightning.module import GLUSModule
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare_synthetic(root, seed=5, num_train=8, num_val=4, frames=6, size=48)
+    return root
+
+
+def trained_checkpoint(data_root: Path, path: Path, *overrides: str, steps: int = 3) -> GLUSModule:
+    """A few optimiser steps (LoRA B starts at zero: the merge must carry a real update), saved as fit saves it.
+
+    The demo config (everything trains) reaches non-empty masks in 3 steps; ``FROZEN`` makes it faster."""
+    cfg = compose([f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3",
+                   "data.batch_size=1", "data.max_expressions=2", *overrides])
+    L.seed_everything(cfg.seed)
+    model = GLUSModule(cfg)
+    batch = next(iter(RefVOSDataModule(cfg.data).train_dataloader()))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        model.training_step(batch, 0).backward()
+        opt.step()
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    atomic_torch_save(checkpoint, path)
+    return model.eval()
+
+
+def test_export_round_trip_predicts_the_same_masks(data_root: Path, tmp_path: Path) -> None:
+    trained = trained_checkpoint(data_root, tmp_path / "run.ckpt")
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.named_parameters())
+    assert main(["export", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    out = tmp_path / "export"
+    hf = LlavaForConditionalGeneration.from_pretrained(out / "backbone")  # a plain HF model: LoRA merged, no adapters
+    assert not any("lora_" in n for n, _ in hf.named_parameters())
+    reloaded = load_export(out)
+    assert not any("lora_" in n for n, _ in reloaded.named_parameters())
+
+    batch = next(iter(RefVOSDataModule(trained.cfg.data).val_dataloader()))
+    want, got = trained.predict_video(batch), reloaded.predict_video(batch)
+    threshold = trained.cfg.mask_threshold
+    assert got.shape == want.shape and (want > threshold).any()  # non-empty masks, so that equal masks mean something
+    assert torch.equal(got > threshold, want > threshold)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # merged W + BA vs W x + B A x: rounding only
+
+
+def test_qlora_checkpoint_exports_through_full_precision_base(data_root: Path, tmp_path: Path) -> None:
+    trained = trained_checkpoint(data_root, tmp_path / "run.ckpt", "backbone.quantization.load_in_4bit=true", *FROZEN, steps=1)
+    unquantised = model_from_checkpoint(tmp_path / "run.ckpt")
+    assert not unquantised.backbone.quantized
+    lora = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, lora[n]) for n, p in unquantised.named_parameters() if n in lora)
+    reloaded = load_export(export_model(unquantised, tmp_path / "export"))
+    batch = next(iter(RefVOSDataModule(trained.cfg.data).val_dataloader()))
+    torch.testing.assert_close(reloaded.predict_video(batch), unquantised.predict_video(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_load_export_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a glus export: config.yaml is missing"):
+        load_export(tmp_path)

@@ -1,0 +1,47 @@
+"""A tiny ``glus fit`` logs val/J, val/F, val/J&F and mask overlay images to TensorBoard."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules.datamodule import RefVOSDataModule, shard_samples
+from datamodules.prepare import prepare_synthetic
+from datamodules.records import VideoRecord
+from glus_lightning import runner
+from glus_lightning.config import compose
+from glus_lightning.module import GLUSModule
+
+FRAMES = 4
+
+
+def test_fit_logs_validation_scores_and_overlays(tmp_path: Path) -> None:
+    prepare_synthetic(tmp_path / "data", seed=4, num_train=1, num_val=1, frames=FRAMES, size=32)
+    cfg = compose([
+        f"data.root={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}", "data.num_workers=0", "data.num_context=2",
+        "data.num_query=2", "data.batch_size=1", "data.samples_per_epoch=2", "data.max_expressions=1",
+        "trainer.max_steps=2", "optim.warmup_steps=1",
+    ])
+    trainer, logger = runner.build_trainer(cfg)  # the run's real callbacks and logger; fit without the final validate
+    trainer.fit(GLUSModule(cfg), datamodule=RefVOSDataModule(cfg.data))
+    results = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    assert results["val/J&F"] == pytest.approx((results["val/J"] + results["val/F"]) / 2)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars, images = events.Tags()["scalars"], events.Tags()["images"]
+    assert {"val/J", "val/F", "val/J&F"} <= set(scalars)
+    logged = [e.value for e in events.Scalars("val/J&F")]
+    assert len(logged) == 1 and logged[0] == pytest.approx(results["val/J&F"], abs=1e-6)
+    # one strip per expression of the validation video, its frames side by side
+    (shard,) = sorted((tmp_path / "data" / "val").glob("*.tar"))
+    (record,) = [VideoRecord.from_sample(s) for s in shard_samples(str(shard), handler=lambda err: False)]
+    assert sorted(images) == sorted(f"val_overlay/{record.video}/{e}: {x.text}" for e, x in enumerate(record.expressions))
+    strip = np.asarray(Image.open(io.BytesIO(events.Images(images[0])[-1].encoded_image_string)))
+    size = cfg.segmenter.image_size
+    assert strip.shape == (size, FRAMES * size, 3)
+    assert (strip == (60, 255, 60)).all(-1).any()  # the ground-truth outline is drawn
