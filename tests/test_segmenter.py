@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -40,20 +38,17 @@ def bank_numel(memory: MemoryBank) -> int:
 
 
 # ------------------------------------------------------------------------------------------ sizes / configs
-def test_test_size_shapes_params_and_speed():
+def test_test_size_shapes_and_params():
     seg = make().train()
     n_params = sum(p.numel() for p in seg.parameters())
     assert 1.5e6 < n_params < 3e6, n_params
     assert (seg.prompt_dim, seg.image_size) == (64, 128)
 
-    frames = frames_like(seg, 2, 4)
-    start = time.process_time()  # CPU time: robust to other processes sharing the cores
+    frames = frames_like(seg, 2, 4)  # speed is measured by experiments/benchmarks/train_step.py, not asserted here
     features = seg.encode_frames(frames)
     prompts = prompts_like(seg, 2, 4).requires_grad_()
     out = seg.track(features, prompts)
     (out.mask_logits.sum() + out.iou_pred.sum()).backward()
-    elapsed = time.process_time() - start
-    assert elapsed < 2.0, f"encode + 4 frames forward/backward took {elapsed:.2f}s of CPU time"
 
     assert tuple(features.shape) == (2, 4)
     assert [tuple(x.shape) for x in features.levels] == [(2, 4, 8, 32, 32), (2, 4, 16, 16, 16), (2, 4, 64, 8, 8)]
