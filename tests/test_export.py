@@ -11,19 +11,11 @@ from test_scale import FROZEN
 from transformers import LlavaForConditionalGeneration
 
 from datamodules.datamodule import RefVOSDataModule
-from datamodules.prepare import prepare_synthetic
 from glus_lightning.checkpoints.checkpoint_io import atomic_torch_save
 from glus_lightning.checkpoints.export import export_model, load_export, model_from_checkpoint
 from glus_lightning.cli import main
 from glus_lightning.config import compose
 from glus_lightning.module import GLUSModule
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare_synthetic(root, seed=5, num_train=8, num_val=4, frames=6, size=48)
-    return root
 
 
 def trained_checkpoint(data_root: Path, path: Path, *overrides: str, steps: int = 3) -> GLUSModule:

@@ -11,17 +11,9 @@ from omegaconf import DictConfig
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import RefVOSDataModule
-from datamodules.prepare import prepare_synthetic
 from glus_lightning.config import compose
 from glus_lightning.metrics import mask_iou
 from glus_lightning.module import GLUSModule
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare_synthetic(root, seed=5, num_train=8, num_val=4, frames=6, size=48)
-    return root
 
 
 def tiny_config(data_root: Path, *overrides: str) -> DictConfig:

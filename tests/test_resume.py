@@ -13,18 +13,10 @@ import pytest
 import torch
 from test_scale import FROZEN, ROOT, read_run, run_worker
 
-from datamodules.prepare import prepare_synthetic
 from glus_lightning.checkpoints.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, load_checkpoint
 from glus_lightning.checkpoints.state import check_checkpoint_fits
 from glus_lightning.config import compose
 from glus_lightning.module import GLUSModule
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare_synthetic(root, seed=5, num_train=8, num_val=4, frames=6, size=48)
-    return root
 
 
 def overrides(data_root: Path, run_dir: Path) -> list[str]:

@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from datamodules.datamodule import RefVOSDataModule
-from datamodules.prepare import prepare_synthetic
 from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
 from glus_lightning.config import compose, load_group
 from glus_lightning.module import GLUSModule
@@ -24,13 +23,6 @@ from glus_lightning.strategies import build_strategy
 ROOT = Path(__file__).resolve().parents[1]
 # the reference freezing policy: with it every trainable parameter gets a gradient each step (strict DDP)
 FROZEN = ["backbone.train_vision_tower=false", "segmenter.train_image_encoder=false", "segmenter.train_memory=false"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare_synthetic(root, seed=5, num_train=8, num_val=4, frames=6, size=48)
-    return root
 
 
 def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
