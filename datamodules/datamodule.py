@@ -48,7 +48,15 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from datamodules.batch import RefVOSBatch
 from datamodules.prepare import prepare_synthetic
 from datamodules.records import RecordError, VideoRecord
-from datamodules.sampling import SamplePlan, VideoSample, build_sample, keep_planned_frames, plan_eval, plan_train
+from datamodules.sampling import (
+    SamplePlan,
+    VideoSample,
+    build_sample,
+    check_expression_sampling,
+    keep_planned_frames,
+    plan_eval,
+    plan_train,
+)
 from glus_lightning.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -140,7 +148,8 @@ class TrainStream(IterableDataset):
                 where = f"{url}:{raw.get('__key__')}"
                 try:
                     record = VideoRecord.from_sample(raw)
-                    plan = plan_train(record, cfg.num_context, cfg.num_query, cfg.max_expressions, plan_rng)
+                    plan = plan_train(record, cfg.num_context, cfg.num_query, cfg.max_expressions, plan_rng,
+                                      cfg.expression_sampling)
                 except RecordError as err:
                     self.skipped.add("samples", where, err)
                     continue
@@ -247,6 +256,7 @@ class RefVOSDataModule(LightningDataModule):
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
+        check_expression_sampling(cfg.expression_sampling)
         self.cfg = cfg
         self._skipped = SkipCounter(cfg.num_workers)
         self._epoch = 0

@@ -72,12 +72,36 @@ def train_query_indices(num_frames: int, num_query: int, rng: random.Random) -> 
     return list(range(start, start + num_query))
 
 
-def choose_expressions(expressions: list[Expression], max_expressions: int, rng: random.Random) -> list[Expression]:
-    """Up to ``max_expressions`` distinct expressions, in random order (each is its own conversation)."""
-    return rng.sample(expressions, min(max_expressions, len(expressions)))
+EXPRESSION_SAMPLING = ("uniform", "pairs")
 
 
-def plan_train(record: VideoRecord, num_context: int, num_query: int, max_expressions: int, rng: random.Random) -> SamplePlan:
+def check_expression_sampling(sampling: str) -> None:
+    """Fail with the config key and the valid values (a typo would otherwise surface in a loader worker)."""
+    if sampling not in EXPRESSION_SAMPLING:
+        raise ValueError(f"data.expression_sampling={sampling!r} is not valid; valid: {', '.join(EXPRESSION_SAMPLING)}")
+
+
+def choose_expressions(expressions: list[Expression], max_expressions: int, rng: random.Random,
+                       sampling: str = "uniform") -> list[Expression]:
+    """Up to ``max_expressions`` distinct expressions (each is its own conversation).
+
+    ``uniform``: a random sample in random order. ``pairs`` gives the object-contrastive loss something to compare:
+    a random anchor, then (if the video has one) a random expression of the same object set (the positive), then
+    expressions of other object sets (the hard negatives) in random order; when those run out, more expressions of
+    the anchor's object set, so no sample is smaller than with ``uniform``.
+    """
+    check_expression_sampling(sampling)
+    count = min(max_expressions, len(expressions))
+    if sampling == "uniform":
+        return rng.sample(expressions, count)
+    anchor, *rest = rng.sample(expressions, len(expressions))
+    same = [e for e in rest if set(e.obj_ids) == set(anchor.obj_ids)]
+    other = [e for e in rest if set(e.obj_ids) != set(anchor.obj_ids)]
+    return ([anchor, *same[:1], *other, *same[1:]])[:count]
+
+
+def plan_train(record: VideoRecord, num_context: int, num_query: int, max_expressions: int, rng: random.Random,
+               expression_sampling: str = "uniform") -> SamplePlan:
     """GLUS training sample; ``RecordError`` names the video when it cannot give one."""
     if record.num_frames < num_query:
         raise RecordError(f"{record.key}: {record.num_frames} frames, fewer than the {num_query} query frames of a training sample")
@@ -86,7 +110,7 @@ def plan_train(record: VideoRecord, num_context: int, num_query: int, max_expres
     return SamplePlan(
         context=train_context_indices(record.num_frames, num_context, rng),
         query=train_query_indices(record.num_frames, num_query, rng),
-        expressions=choose_expressions(record.expressions, max_expressions, rng),
+        expressions=choose_expressions(record.expressions, max_expressions, rng, expression_sampling),
     )
 
 

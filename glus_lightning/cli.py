@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glus_lightning.checkpoints.importers import configure_import_parser
     from glus_lightning.evaluation import configure_evaluate_parser
     from glus_lightning.inference.command import configure_predict_parser
+    from glus_lightning.refinement import configure_refine_parser
 
     parser = argparse.ArgumentParser(
         prog="glus",
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     configure_evaluate_parser(sub.add_parser("evaluate", help="J, F and J&F of saved prediction PNGs against official ground truth"))
     configure_import_parser(sub.add_parser("import", help="convert published weights (LISA-7B-v1, GLUS releases) into loadable files"))
     configure_predict_parser(sub.add_parser("predict", help="segment videos (masks, overlay, summary) or write a server submission"))
+    configure_refine_parser(sub.add_parser("refine-scores", help="keyframe self-refinement: fit the frame scorer to the "
+                                           "model's own per-frame IoU on training videos, write a checkpoint with it"))
     configure_export_parser(sub.add_parser("export", help="merge LoRA and write a Hugging Face model + SAM2/heads safetensors"))
     return parser
 
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from glus_lightning.inference.command import run_predict
 
         return run_predict(args)
+    if args.command == "refine-scores":
+        from glus_lightning.refinement import run_refine
+
+        return run_refine(args)
     if args.command == "export":
         from glus_lightning.checkpoints.export import run_export
 

@@ -105,6 +105,7 @@ class DataConfig:
     samples_per_epoch: int = MISSING  # training stream is resampled, so an epoch is a count
     shuffle_buffer: int = MISSING
     seed: int = MISSING
+    expression_sampling: str = MISSING  # "uniform" or "pairs" (a same-object positive, then other objects)
 
 
 @dataclass
@@ -113,6 +114,9 @@ class LossConfig:
     bce_weight: float = MISSING
     dice_weight: float = MISSING
     contrastive_weight: float = MISSING
+    contrastive_temperature: float = MISSING  # InfoNCE temperature on cosine similarity
+    contrastive_negatives: int = MISSING  # at most this many negatives per anchor (hard ones first, then the bank)
+    contrastive_bank_size: int = MISSING  # FIFO bank of past [SEG] embeddings, synchronised across ranks, checkpointed
     object_weight: float = MISSING  # SAM2's object-presence head (BCE: is the target non-empty in the frame)
     iou_weight: float = MISSING  # SAM2's IoU-prediction head (L1 to the IoU its mask achieves)
     ce_only_seg: bool = MISSING  # CE on [SEG] targets only (reference) or on every answer token
@@ -149,6 +153,17 @@ class InferenceConfig:
     overlay: str = MISSING  # "gif", "mp4" or "none": the overlay `glus predict` draws for people to look at
     overlay_fps: int = MISSING
     overlay_alpha: float = MISSING  # opacity of the mask colour in the overlay
+    keyframes: bool = MISSING  # start at the best-scored frame and propagate both ways (needs a refined frame scorer)
+
+
+@dataclass
+class RefineConfig:
+    """Keyframe self-refinement: the frame scorer learns the IoU the model itself reaches on training frames."""
+
+    videos: int = MISSING  # training videos scored per refinement (all their expressions and frames)
+    steps: int = MISSING  # optimiser steps of the scorer per refinement
+    lr: float = MISSING
+    hidden: int = MISSING  # width of the scorer's hidden layer
 
 
 @dataclass
@@ -168,6 +183,7 @@ class GLUSConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 class ConfigError(ValueError):

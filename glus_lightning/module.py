@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +16,14 @@ from glus_lightning.backbones import build_backbone
 from glus_lightning.backbones.base import PrefixCache
 from glus_lightning.checkpoints import state as ckpt_state
 from glus_lightning.checkpoints.importers import load_init_weights
+from glus_lightning.heads.frame_scorer import FrameScorer
+from glus_lightning.heads.object_contrastive import ObjectContrastiveHead, expression_keys
 from glus_lightning.heads.seg_projection import SegProjection
 from glus_lightning.losses import iou_prediction_loss, mask_losses, presence_loss, upsample_logits
 from glus_lightning.metrics import JAndF
-from glus_lightning.segmentation import build_segmenter
-from glus_lightning.strategies import is_block
+from glus_lightning.segmentation import FrameFeatures, TrackOutput, build_segmenter
+from glus_lightning.segmentation.segmenter import TRACK_FIELDS
+from glus_lightning.strategies import gather_units, is_block, release_units
 
 
 @dataclass
@@ -29,6 +33,19 @@ class GLUSOutput:
     prompts: Tensor  # [E, Q, prompt_dim] projected [SEG] embeddings
     iou_pred: Tensor  # [E, Q] SAM2's predicted IoU
     object_logits: Tensor  # [E, Q] SAM2's object-presence logits
+
+
+@dataclass
+class FrameEvidence:
+    """What the model sees of every frame of one video before tracking it: the keyframe scorer's material."""
+
+    prompts: Tensor  # [E, T, prompt_dim] projected [SEG] embeddings
+    features: FrameFeatures  # [T] SAM2 image features
+    memoryless: TrackOutput  # [E, T] each frame segmented with an empty memory (as a keyframe would be)
+
+    @property
+    def scorer_inputs(self) -> Tensor:  # [E, T, prompt_dim + 2]
+        return FrameScorer.inputs(self.prompts, self.memoryless.iou_pred, self.memoryless.object_score_logits)
 
 
 class GLUSModule(L.LightningModule):
@@ -45,6 +62,14 @@ class GLUSModule(L.LightningModule):
         self.backbone = build_backbone(cfg.backbone)
         self.segmenter = build_segmenter(cfg.segmenter)
         self.seg_projection = SegProjection(self.backbone.hidden_size, self.segmenter.prompt_dim)
+        w = cfg.loss
+        self.contrastive: ObjectContrastiveHead | None = None  # no parameters; its bank is a buffer (checkpointed)
+        if w.contrastive_weight > 0:
+            self.contrastive = ObjectContrastiveHead(
+                self.segmenter.prompt_dim, w.contrastive_bank_size, w.contrastive_negatives, w.contrastive_temperature
+            )
+        # fitted by keyframe self-refinement only (refinement.py), never by the main loss
+        self.frame_scorer = FrameScorer(self.segmenter.prompt_dim, cfg.refine.hidden).requires_grad_(False)
         if cfg.get("init_weights") is not None:  # published weights from `glus import` (configs saved before the key: none)
             load_init_weights(self, cfg.init_weights)
         self.strict_loading = False  # checkpoints hold the trainable state only; on_load_checkpoint checks it
@@ -78,28 +103,64 @@ class GLUSModule(L.LightningModule):
     def predict_video(self, batch: RefVOSBatch) -> Tensor:
         """Mask logits ``[E, T, h, w]`` for every frame of one video (batch of 1 video, all frames as query).
 
-        Windows of ``inference.window`` frames share the evaluation context frames; the memory bank is carried
-        across windows, each frame's image features are computed once, and with ``inference.kv_cache`` the prompt
-        prefix (system, context frames, instruction) is encoded once per video instead of once per window.
+        Windows of ``inference.window`` frames share the evaluation context frames; each frame's image features
+        are computed once, and with ``inference.kv_cache`` the prompt prefix (system, context frames, instruction)
+        is encoded once per video instead of once per window. Sequential by default, the memory bank carried
+        across windows from the first frame on; with ``inference.keyframes`` each expression starts at the frame
+        its refined scorer rates best and propagates from there forward and backward.
         """
         if batch.frames.shape[0] != 1:
             raise ValueError(f"predict_video takes one video per batch, got {batch.frames.shape[0]}")
-        window = self.cfg.inference.window
-        if window < 1:
-            raise ValueError(f"inference.window must be >= 1, got {window}")
-        num_frames = batch.num_query
-        prefix = self.backbone.encode_prefix(batch.context_frames[0]) if self.cfg.inference.kv_cache else None
+        if self.cfg.inference.keyframes:
+            return self._predict_from_keyframes(batch)
         memory = self.segmenter.new_memory(len(batch.expressions))
         logits = []
-        for start in range(0, num_frames, window):
-            frame_ids = list(range(start, min(start + window, num_frames)))
-            query = batch.query_frames[:, frame_ids]
-            _, prompts = self.encode_window(batch, query, prefix)
-            features = self.segmenter.encode_frames(query[0])
+        for frame_ids, prompts in self._window_prompts(batch):
+            features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids])
             rows = torch.arange(len(frame_ids), device=prompts.device).expand(len(batch.expressions), -1)
             track = self.segmenter.track(self.segmenter.select(features, rows), prompts, memory=memory, frame_ids=frame_ids)
             logits.append(track.mask_logits)
         return torch.cat(logits, dim=1)
+
+    def _window_prompts(self, batch: RefVOSBatch) -> Iterator[tuple[list[int], Tensor]]:
+        """Frame ids of each inference window of one video and their prompts ``[E, w, P]``."""
+        window = self.cfg.inference.window
+        if window < 1:
+            raise ValueError(f"inference.window must be >= 1, got {window}")
+        prefix = self.backbone.encode_prefix(batch.context_frames[0]) if self.cfg.inference.kv_cache else None
+        for start in range(0, batch.num_query, window):
+            frame_ids = list(range(start, min(start + window, batch.num_query)))
+            _, prompts = self.encode_window(batch, batch.query_frames[:, frame_ids], prefix)
+            yield frame_ids, prompts
+
+    @torch.no_grad()
+    def frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:
+        """Prompts, features and memoryless masks of every (expression, frame) of one video (see ``FrameEvidence``)."""
+        num_exp = len(batch.expressions)
+        prompts, levels, memoryless = [], [], []
+        for frame_ids, window_prompts in self._window_prompts(batch):
+            features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids])
+            rows = torch.arange(len(frame_ids), device=window_prompts.device).repeat(num_exp)  # expression-major
+            out = self.segmenter.segment_without_memory(features[rows], window_prompts.flatten(0, 1))
+            memoryless.append(TrackOutput(out.mask_logits.unflatten(0, (num_exp, -1))[:, :, 0],
+                                          out.iou_pred.view(num_exp, -1), out.object_score_logits.view(num_exp, -1)))
+            prompts.append(window_prompts)
+            levels.append(features.levels)
+        return FrameEvidence(
+            prompts=torch.cat(prompts, dim=1),
+            features=FrameFeatures(tuple(torch.cat(level) for level in zip(*levels)), features.pos),
+            memoryless=TrackOutput(*(torch.cat([getattr(m, name) for m in memoryless], dim=1) for name in TRACK_FIELDS)),
+        )
+
+    def _predict_from_keyframes(self, batch: RefVOSBatch) -> Tensor:
+        if not bool(self.frame_scorer.refined):
+            raise RuntimeError(
+                "inference.keyframes=true needs a refined frame scorer, and this model's was never fitted: run "
+                "`glus refine-scores ckpt_path=...` and use the checkpoint it writes (glus fit refines it before each validation)"
+            )
+        evidence = self.frame_evidence(batch)
+        keyframes = self.frame_scorer(evidence.scorer_inputs).argmax(dim=1)
+        return self.segmenter.track_from_keyframes(evidence.features, evidence.prompts, keyframes.tolist()).mask_logits
 
     # ---------------------------------------------------------------------------------- training
     def training_step(self, batch: RefVOSBatch, batch_idx: int) -> Tensor:
@@ -111,10 +172,29 @@ class GLUSModule(L.LightningModule):
         loss = (w.ce_weight * out.lm_loss + w.bce_weight * bce + w.dice_weight * dice
                 + w.object_weight * presence + w.iou_weight * iou)
         n = len(batch.expressions)
+        if self.contrastive is not None:
+            video_keys, object_keys = expression_keys(batch)
+            contrastive = self.contrastive(out.prompts, video_keys, object_keys)
+            loss = loss + w.contrastive_weight * contrastive
+            self.log("train/contrastive", contrastive, batch_size=n)
+            self._push_contrastive_bank(out.prompts, object_keys)
         self.log_dict({"train/ce": out.lm_loss, "train/bce": bce, "train/dice": dice, "train/object": presence,
                        "train/iou_pred": iou}, batch_size=n)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
+
+    def _push_contrastive_bank(self, prompts: Tensor, object_keys: Tensor) -> None:
+        """Push every rank's embeddings of this step, in rank order, so that the banks of all ranks stay identical.
+
+        Rows are padded to a fixed capacity (ranks sample different numbers of expressions); ``all_gather`` adds a
+        leading rank dimension only with several processes, hence the reshape. Without a trainer (a bare
+        ``training_step`` call) there is nothing to gather.
+        """
+        d = self.cfg.data
+        rows, keys = ObjectContrastiveHead.padded_rows(prompts, object_keys, d.batch_size * d.max_expressions * d.num_query)
+        if self._trainer is not None:
+            rows, keys = self.all_gather(rows), self.all_gather(keys)
+        self.contrastive.push(rows.reshape(-1, rows.shape[-1]), keys.reshape(-1))
 
     def validation_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate_video(batch, self.val_metric)
@@ -139,10 +219,25 @@ class GLUSModule(L.LightningModule):
             preds.append(pred)
         return {"pred_masks": preds}
 
+    # FSDP2: whole weights per rank while evaluating (ranks' videos differ in length), see strategies.gather_units
+    def on_validation_epoch_start(self) -> None:
+        gather_units(self)
+
+    def on_test_epoch_start(self) -> None:
+        gather_units(self)
+
+    def on_predict_epoch_start(self) -> None:
+        gather_units(self)
+
+    def on_predict_epoch_end(self) -> None:
+        release_units(self)
+
     def on_validation_epoch_end(self) -> None:
+        release_units(self)
         self._log_scores(self.val_metric, "val")
 
     def on_test_epoch_end(self) -> None:
+        release_units(self)
         self._log_scores(self.test_metric, "test")
 
     def _log_scores(self, metric: JAndF, stage: str) -> None:
@@ -156,15 +251,15 @@ class GLUSModule(L.LightningModule):
     def configure_model(self) -> None:
         """FSDP2 (``trainer.strategy=fsdp``): shard the transformer blocks, then the root, over the (nodes, GPUs) mesh."""
         if self.device_mesh is not None:
-            ckpt_state.shard_fsdp2(self, self.device_mesh, is_block, forward_methods=("predict_video",))
+            ckpt_state.shard_fsdp2(self, self.device_mesh, is_block, forward_methods=("predict_video", "frame_evidence"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only what training changes (frozen weights come from the config)."""
-        checkpoint["state_dict"] = ckpt_state.trainable_state(self, checkpoint["state_dict"])
+        checkpoint["state_dict"] = ckpt_state.trainable_state(self, checkpoint["state_dict"], also=("frame_scorer.",))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Fail clearly on a checkpoint of another model or other training switches."""
-        ckpt_state.check_checkpoint_fits(self, checkpoint, self.cfg.backbone.family)
+        ckpt_state.check_checkpoint_fits(self, checkpoint, self.cfg.backbone.family, optional=("contrastive.",))
 
     # -------------------------------------------------------------------------------- optimisers
     def configure_optimizers(self) -> dict:

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.keyframe_refinement import KeyframeSelfRefinement
 from callbacks.mask_overlay import MaskOverlayLogger
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.checkpoints.checkpoint_io import AtomicCheckpointIO
@@ -67,7 +68,8 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     """Train, then validate the final model; prints where the logs and checkpoints are."""
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path, version = resolve_checkpoint(cfg)
-    trainer, logger = build_trainer(cfg, version, extra_callbacks)
+    refinement = [KeyframeSelfRefinement(cfg.refine, cfg.data)] if cfg.inference.keyframes else []
+    trainer, logger = build_trainer(cfg, version, [*refinement, *(extra_callbacks or [])])
     log_dir = Path(logger.log_dir)
     save_config(cfg, trainer, log_dir)
     datamodule = RefVOSDataModule(cfg.data)

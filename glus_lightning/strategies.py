@@ -3,10 +3,13 @@
 FSDP2 (``ModelParallelStrategy``) shards in ``GLUSModule.configure_model``; FSDP1 (``FSDPStrategy``) wraps the
 same blocks through its auto-wrap policy. Both shard "blocks": the transformer layers of the Hugging Face models
 (every ``GradientCheckpointingLayer``: LLM decoder layers, vision-tower layers) and SAM2's Hiera blocks and
-memory-attention layers, the units that hold nearly all the weights.
+memory-attention layers, the units that hold nearly all the weights (and the frame scorer, see ``SHARDED_BLOCKS``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
@@ -15,7 +18,10 @@ from sam2.modeling.memory_attention import MemoryAttentionLayer
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-SHARDED_BLOCKS: tuple[type[nn.Module], ...] = (GradientCheckpointingLayer, MultiScaleBlock, MemoryAttentionLayer)
+from glus_lightning.heads.frame_scorer import FrameScorer
+
+# FrameScorer is tiny, but as its own unit it can be called (and fitted by keyframe self-refinement) on its own
+SHARDED_BLOCKS: tuple[type[nn.Module], ...] = (GradientCheckpointingLayer, MultiScaleBlock, MemoryAttentionLayer, FrameScorer)
 
 
 def is_block(module: nn.Module) -> bool:
@@ -44,3 +50,39 @@ def build_strategy(trainer: DictConfig) -> Strategy | str:
             raise ValueError("trainer.strategy=fsdp1 (Lightning FSDPStrategy) runs on GPUs only; use trainer.strategy=fsdp on the CPU")
         return FSDPStrategy(auto_wrap_policy=_fsdp1_policy, state_dict_type="full", use_orig_params=True)
     return name
+
+
+def gather_units(module: nn.Module) -> None:
+    """Gather every FSDP2 unit's full weights and keep them until ``release_units``, so that forwards run no collective.
+
+    Keyframe self-refinement measures different videos on each rank; with per-forward all-gathers the ranks' block
+    collectives would have to match call for call. Inference holds the whole model per rank anyway. A no-op without
+    FSDP2 (DDP, one device). Tested with equal work per rank; validation with unequal video counts per rank under
+    FSDP2 still hangs (tried: 3 validation shards on 2 ranks), not yet diagnosed.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.unshard()  # every rank walks the units in the same order: the all-gathers match
+            unit.set_reshard_after_forward(False, recurse=False)
+
+
+def release_units(module: nn.Module) -> None:
+    """Back to sharded weights and FSDP2's defaults (reshard after forward, except the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not module, recurse=False)
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """``gather_units`` for the duration of a block."""
+    gather_units(module)
+    try:
+        yield
+    finally:
+        release_units(module)

@@ -2,8 +2,10 @@
 
     python tests/fit_worker.py OUT_DIR [--hang-at-step N] key=value ...
 
-Each rank appends ``{"step", "loss", "videos", "frames", "expressions"}`` per training step to ``OUT_DIR/losses.rank<r>.jsonl`` and, at the end of
-training, the float64 sum of its (gathered) trainable parameters and how many are FSDP2 shards to ``OUT_DIR/params.rank<r>.json``.
+Each rank appends ``{"step", "loss", "videos", "frames", "expressions", "object_keys"}`` per training step to ``OUT_DIR/losses.rank<r>.jsonl`` and, at the end of
+training, the float64 sum of its (gathered) trainable parameters and how many are FSDP2 shards to ``OUT_DIR/params.rank<r>.json``
+its frame scorer's state (refined flag, parameter sum, FSDP2 shards) to ``OUT_DIR/scorer.rank<r>.json``
+and, with the contrastive loss on, its bank's keys and pointer to ``OUT_DIR/bank.rank<r>.json``.
 ``--hang-at-step N`` stops before step N (its checkpoints already written), touches ``OUT_DIR/hung`` and sleeps,
 so that the test can kill the process there.
 """
@@ -21,6 +23,7 @@ import torch
 
 from glus_lightning import runner
 from glus_lightning.config import compose
+from glus_lightning.heads.object_contrastive import expression_keys
 
 
 class Recorder(L.Callback):
@@ -35,7 +38,8 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         with open(self.out / f"losses.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"]), "videos": batch.video_ids,
-                                "frames": batch.frame_indices.tolist(), "expressions": batch.expressions}) + "\n")
+                                "frames": batch.frame_indices.tolist(), "expressions": batch.expressions,
+                                "object_keys": expression_keys(batch)[1].tolist()}) + "\n")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total, sharded = 0.0, 0
@@ -45,6 +49,14 @@ class Recorder(L.Callback):
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 total += float(full.detach().double().sum())
         (self.out / f"params.rank{trainer.global_rank}.json").write_text(json.dumps({"sum": total, "sharded": sharded}))
+        scorer = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pl_module.frame_scorer.parameters()]
+        (self.out / f"scorer.rank{trainer.global_rank}.json").write_text(json.dumps({
+            "refined": bool(pl_module.frame_scorer.refined), "sum": sum(float(p.detach().double().sum()) for p in scorer),
+            "sharded": sum(hasattr(p, "full_tensor") for p in pl_module.frame_scorer.parameters())}))
+        bank = getattr(pl_module, "contrastive", None)
+        if bank is not None:
+            (self.out / f"bank.rank{trainer.global_rank}.json").write_text(
+                json.dumps({"keys": bank.bank_keys.tolist(), "pointer": int(bank.bank_pointer)}))
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def data_cfg(root: Path, train: list[dict], val: list[dict] | None = None, **ove
     values = {
         "root": str(root), "synthetic": None, "train": train, "val": val or train, "num_context": 2, "num_query": 3,
         "max_expressions": 2, "image_size": S, "batch_size": 2, "num_workers": 0, "samples_per_epoch": 8,
-        "shuffle_buffer": 4, "seed": 0,
+        "shuffle_buffer": 4, "seed": 0, "expression_sampling": "uniform",
     }
     return OmegaConf.merge(OmegaConf.structured(DataConfig), {**values, **overrides})
 

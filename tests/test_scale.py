@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FROZEN = ["backbone.train_vision_tower=false", "segmenter.train_image_encoder=false", "segmenter.train_memory=false"]
 
 
+KEYFRAMES = ("inference.keyframes=true", "refine.videos=3", "refine.steps=5")
+
+
 def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
     return [f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3", "data.batch_size=1",
             "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2", "trainer.val_check_interval=1.0",
@@ -46,9 +49,14 @@ def read_run(out: Path, ranks: int) -> tuple[list[list[dict]], list[dict]]:
 
 
 def two_process_run(data_root: Path, out: Path, strategy: str) -> tuple[list[list[dict]], list[dict]]:
+    """Two ranks train 2 steps, then refine the frame scorer (keyframe self-refinement) and validate from keyframes."""
     run_worker(out, [*tiny_overrides(data_root, out / "runs"), f"trainer={strategy}", "trainer.accelerator=cpu",
-                     "trainer.devices=2", "trainer.precision=32-true"])
+                     "trainer.devices=2", "trainer.precision=32-true", *KEYFRAMES])
     return read_run(out, 2)
+
+
+def scorers(out: Path) -> list[dict]:
+    return [json.loads((out / f"scorer.rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +83,27 @@ def test_ddp_two_processes_train_in_step(ddp_run: tuple[Path, list[list[dict]], 
     assert params[0]["sum"] == pytest.approx(params[1]["sum"], rel=1e-9) and params[0]["sharded"] == 0
     ckpt = load_checkpoint(next((out / "runs").rglob("last.ckpt")))
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["config"]["trainer"]["strategy"] == "ddp"
+    # the ranks measured different videos (3 over 2 ranks), gathered them and fitted one and the same scorer
+    ranks = scorers(out)
+    assert all(r["refined"] for r in ranks) and ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-12)
+    assert bool(ckpt["state_dict"]["frame_scorer.refined"])
 
 
 def test_fsdp2_two_processes_shard_and_match_ddp(data_root: Path, tmp_path: Path,
                                                   ddp_run: tuple[Path, list[list[dict]], list[dict]]) -> None:
     losses, params = two_process_run(data_root, tmp_path, "fsdp")
-    _, ddp_losses, ddp_params = ddp_run
+    ddp_out, ddp_losses, ddp_params = ddp_run
     assert params[0]["sharded"] > 0  # trainable parameters are DTensor shards
     assert params[0]["sum"] == pytest.approx(params[1]["sum"], rel=1e-9)
     # same data, same math: FSDP2 reaches the weights DDP reaches
     for rank in range(2):
         assert [r["loss"] for r in losses[rank]] == pytest.approx([r["loss"] for r in ddp_losses[rank]], rel=1e-4)
     assert params[0]["sum"] == pytest.approx(ddp_params[0]["sum"], rel=1e-5)
+    # the frame scorer is its own FSDP2 unit, fitted by all ranks together to what DDP's replicas reach
+    ranks = scorers(tmp_path)
+    assert all(r["refined"] and r["sharded"] > 0 for r in ranks)
+    assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-9)
+    assert ranks[0]["sum"] == pytest.approx(scorers(ddp_out)[0]["sum"], rel=1e-4)
     ckpt = load_checkpoint(next((tmp_path / "runs").rglob("last.ckpt")))  # one file, gathered on rank 0
     model_keys = {n for n, p in GLUSModule(compose(tiny_overrides(data_root, tmp_path))).named_parameters() if p.requires_grad}
     assert model_keys <= set(ckpt["state_dict"])

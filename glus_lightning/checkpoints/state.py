@@ -13,14 +13,19 @@ from typing import Any
 from torch import nn
 
 
-def trainable_state(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``state_dict`` (``module``'s) that are trainable parameters or buffers."""
+def trainable_state(module: nn.Module, state_dict: dict[str, Any], also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entries of ``state_dict`` (``module``'s) that are trainable parameters or buffers, or start with a prefix
+    in ``also`` (parameters changed outside the optimiser, e.g. the self-refined frame scorer)."""
     keep = {name for name, p in module.named_parameters() if p.requires_grad} | {name for name, _ in module.named_buffers()}
-    return {k: v for k, v in state_dict.items() if k in keep}
+    return {k: v for k, v in state_dict.items() if k in keep or k.startswith(also)}
 
 
-def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], family: str) -> None:
-    """Raise ValueError naming what differs when ``checkpoint`` was not written by a module like ``module``."""
+def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], family: str, optional: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming what differs when ``checkpoint`` was not written by a module like ``module``.
+
+    Keys starting with a prefix in ``optional`` are training-only state (the contrastive bank): a model built without
+    it ignores them, and a model with it that finds none starts it empty. A kept entry must have the model's shape.
+    """
     config = checkpoint.get("hyper_parameters", {}).get("config", {})
     saved = config.get("backbone", {}).get("family")
     if saved != family:
@@ -33,11 +38,19 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], family:
         return
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     missing = sorted(trainable - keys)
-    unknown = sorted(keys - set(module.state_dict()))
+    own = module.state_dict()
+    unknown = sorted(k for k in keys - set(own) if not k.startswith(optional))
     if missing or unknown:
         raise ValueError(
             "checkpoint does not fit this model (different LoRA / training switches?): "
             f"{len(missing)} trainable parameters missing {missing[:5]}, {len(unknown)} unknown keys {unknown[:5]}"
+        )
+    saved_state = checkpoint["state_dict"]
+    reshaped = sorted(k for k in keys & set(own) if tuple(saved_state[k].shape) != tuple(own[k].shape))
+    if reshaped:
+        raise ValueError(
+            "checkpoint does not fit this model (other sizes, e.g. loss.contrastive_bank_size?): "
+            + ", ".join(f"{k} {tuple(saved_state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:5])
         )
 
 

@@ -119,6 +119,7 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
         "frames_per_second": len(video.frames) / seconds,
         "window": cfg.inference.window,
         "kv_cache": cfg.inference.kv_cache,
+        "keyframes": cfg.inference.keyframes,
         "ckpt_path": cfg.ckpt_path,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -39,6 +39,13 @@ class MemoryBank:
         """Frame indices held, sorted."""
         return sorted(f for frames in self.output_dict.values() for f in frames)
 
+    def fork(self) -> MemoryBank:
+        """An independent bank holding the same memories (e.g. a keyframe's, to track from it in both directions)."""
+        bank = MemoryBank(self.batch_size, self.window)
+        bank.output_dict = {kind: dict(frames) for kind, frames in self.output_dict.items()}
+        bank.last_frame = self.last_frame
+        return bank
+
     def is_reverse(self, frame_idx: int) -> bool:
         """Whether stepping ``frame_idx`` goes backward in time from the newest memory."""
         return self.last_frame is not None and frame_idx < self.last_frame

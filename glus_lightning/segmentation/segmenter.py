@@ -64,6 +64,9 @@ class TrackOutput:
     object_score_logits: Tensor  # [N, T]
 
 
+TRACK_FIELDS = ("mask_logits", "iou_pred", "object_score_logits")
+
+
 class MemorySegmenter(nn.Module):
     """Wraps a ``SAM2Base`` (``self.sam``, official state-dict layout) for prompt-embedding video segmentation.
 
@@ -128,36 +131,60 @@ class MemorySegmenter(nn.Module):
             )
         if frame_idx < 0:
             raise ValueError(f"frame_idx must be >= 0, got {frame_idx}")
+        pix_feat = self._condition(features, memory, frame_idx)
         sam = self.sam
         top = features.levels[-1]
-        top_hw = tuple(top.shape[-2:])
         vision_top = top.flatten(2).permute(2, 0, 1)  # SAM2's (HW, N, C) layout
-        pos_top = features.pos.flatten(2).permute(2, 0, 1).expand(-1, n, -1)
-        pix_feat = sam._prepare_memory_conditioned_features(
-            frame_idx=frame_idx,
-            is_init_cond_frame=memory.is_empty,
-            current_vision_feats=[vision_top],
-            current_vision_pos_embeds=[pos_top],
-            feat_sizes=[top_hw],
-            output_dict=memory.output_dict,
-            # SAM2 uses num_frames to stop pointer look-ups at the video's end and to scale their temporal
-            # encoding by min(num_frames, max pointers); an open-ended stream keeps that scale at its maximum.
-            num_frames=frame_idx + sam.max_obj_ptrs_in_encoder,
-            track_in_reverse=memory.is_reverse(frame_idx),
-        )
         high_res = list(features.levels[:-1]) if sam.use_high_res_features_in_sam else None
         masks, gated, iou_pred, obj_scores, obj_ptr = self._decode(pix_feat, high_res, prompts.to(pix_feat.dtype))
 
         masks_for_memory = F.interpolate(gated, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
             current_vision_feats=[vision_top],
-            feat_sizes=[top_hw],
+            feat_sizes=[tuple(top.shape[-2:])],
             pred_masks_high_res=masks_for_memory,
             object_score_logits=obj_scores,
             is_mask_from_pts=False,
         )
         memory.push(frame_idx, maskmem_features, maskmem_pos_enc[-1], obj_ptr)
         return SegmentOutput(masks if self.training else gated, iou_pred[:, 0], obj_scores[:, 0])
+
+    def segment_without_memory(self, features: FrameFeatures, prompts: Tensor) -> SegmentOutput:
+        """Segment N independent frames as the first frame of a track (``no_mem_embed``), memorising nothing.
+
+        What a keyframe gets: the same output as ``step`` on an empty bank, for any number of frames at once.
+        """
+        n = features.shape[0]
+        if len(features.shape) != 1 or tuple(prompts.shape) != (n, self.prompt_dim):
+            raise ValueError(
+                f"segment_without_memory expects features of shape (N,) and prompts (N, {self.prompt_dim}), "
+                f"got {tuple(features.shape)} and {tuple(prompts.shape)}"
+            )
+        pix_feat = self._condition(features, None, 0)
+        high_res = list(features.levels[:-1]) if self.sam.use_high_res_features_in_sam else None
+        masks, gated, iou_pred, obj_scores, _ = self._decode(pix_feat, high_res, prompts.to(pix_feat.dtype))
+        return SegmentOutput(masks if self.training else gated, iou_pred[:, 0], obj_scores[:, 0])
+
+    def _condition(self, features: FrameFeatures, memory: MemoryBank | None, frame_idx: int) -> Tensor:
+        """Top-level features of N frames conditioned on the bank (``no_mem_embed`` when it is empty or None)."""
+        sam = self.sam
+        n = features.shape[0]
+        top = features.levels[-1]
+        vision_top = top.flatten(2).permute(2, 0, 1)  # SAM2's (HW, N, C) layout
+        pos_top = features.pos.flatten(2).permute(2, 0, 1).expand(-1, n, -1)
+        empty = memory is None or memory.is_empty
+        return sam._prepare_memory_conditioned_features(
+            frame_idx=frame_idx,
+            is_init_cond_frame=empty,
+            current_vision_feats=[vision_top],
+            current_vision_pos_embeds=[pos_top],
+            feat_sizes=[tuple(top.shape[-2:])],
+            output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}} if memory is None else memory.output_dict,
+            # SAM2 uses num_frames to stop pointer look-ups at the video's end and to scale their temporal
+            # encoding by min(num_frames, max pointers); an open-ended stream keeps that scale at its maximum.
+            num_frames=frame_idx + sam.max_obj_ptrs_in_encoder,
+            track_in_reverse=memory is not None and memory.is_reverse(frame_idx),
+        )
 
     def _decode(self, pix_feat: Tensor, high_res: list[Tensor] | None, prompts: Tensor) -> tuple[Tensor, ...]:
         """SAM2's mask decoder with the prompt as its single sparse token.
@@ -219,6 +246,58 @@ class MemorySegmenter(nn.Module):
             iou_pred=torch.stack([o.iou_pred for o in outs], dim=1),
             object_score_logits=torch.stack([o.object_score_logits for o in outs], dim=1),
         )
+
+
+    def track_from_keyframes(self, features: FrameFeatures, prompts: Tensor, keyframes: Sequence[int]) -> TrackOutput:
+        """Keyframe propagation: each track starts at its keyframe with an empty memory, then runs forward to the
+        video's end and, from a copy of the memory holding only the keyframe, backward to its start.
+
+        ``features [T]`` are the video's frames, ``prompts [N, T, prompt_dim]``, ``keyframes`` one frame index per
+        track; tracks sharing a keyframe run together. Outputs are in frame order, every frame exactly once.
+        """
+        n, t = prompts.shape[:2]
+        if len(features.shape) != 1 or features.shape[0] != t or len(keyframes) != n:
+            raise ValueError(
+                f"track_from_keyframes expects features (T,), prompts (N, T, P) and N keyframes, "
+                f"got {tuple(features.shape)}, {tuple(prompts.shape)} and {len(keyframes)} keyframes"
+            )
+        outputs: list[TrackOutput | None] = [None] * n
+        for keyframe in sorted({int(k) for k in keyframes}):
+            rows = [i for i, k in enumerate(keyframes) if int(k) == keyframe]
+            forward, backward = propagation_order(t, keyframe)
+            memory = self.new_memory(len(rows))
+            ahead = self._track_frames(features, prompts[rows], memory, forward[:1])  # the keyframe, empty memory
+            behind = memory.fork()  # holds only the keyframe's memory
+            parts = [ahead, self._track_frames(features, prompts[rows], memory, forward[1:]),
+                     self._track_frames(features, prompts[rows], behind, backward)]
+            visited = torch.tensor([*forward, *backward], device=prompts.device)
+            merged = _cat_tracks([p for p in parts if p is not None])
+            in_frame_order = visited.argsort()
+            for j, row in enumerate(rows):
+                outputs[row] = TrackOutput(*(getattr(merged, name)[j, in_frame_order] for name in TRACK_FIELDS))
+        return _stack_tracks([o for o in outputs if o is not None])
+
+    def _track_frames(self, features: FrameFeatures, prompts: Tensor, memory: MemoryBank, frame_ids: list[int]) -> TrackOutput | None:
+        """``track`` over ``frame_ids`` of the video (None when there are none) with every track on the same frames."""
+        if not frame_ids:
+            return None
+        rows = torch.tensor(frame_ids, device=prompts.device).expand(memory.batch_size, -1)
+        return self.track(self.select(features, rows), prompts[:, frame_ids], memory=memory, frame_ids=frame_ids)
+
+
+def propagation_order(num_frames: int, keyframe: int) -> tuple[list[int], list[int]]:
+    """Frames visited from ``keyframe``: forward ``[keyframe, ..., T-1]`` (keyframe first), backward ``[keyframe-1, ..., 0]``."""
+    if not 0 <= keyframe < num_frames:
+        raise ValueError(f"keyframe {keyframe} is not a frame of a {num_frames}-frame video")
+    return list(range(keyframe, num_frames)), list(range(keyframe - 1, -1, -1))
+
+
+def _cat_tracks(parts: list[TrackOutput]) -> TrackOutput:
+    return TrackOutput(*(torch.cat([getattr(p, name) for p in parts], dim=1) for name in TRACK_FIELDS))
+
+
+def _stack_tracks(rows: list[TrackOutput]) -> TrackOutput:
+    return TrackOutput(*(torch.stack([getattr(r, name) for r in rows]) for name in TRACK_FIELDS))
 
 
 def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:

@@ -1,0 +1,218 @@
+"""Keyframe self-refinement: the model measures its own per-frame quality on training videos, the frame scorer learns it.
+
+For every (training video, expression, frame) the current model segments the frame as a keyframe would be
+segmented (empty memory), and the IoU of that mask with the ground truth becomes the scorer's target: the model's
+own quality supervises the scorer. Frames where the target object is absent get target 0, since a keyframe has to
+show the object to anchor the memory. ``glus refine-scores`` runs the loop once for a checkpoint and writes the
+targets and a checkpoint with the fitted scorer; during ``glus fit`` with ``inference.keyframes`` the
+``KeyframeSelfRefinement`` callback runs it before each validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from datamodules.batch import RefVOSBatch
+from datamodules.datamodule import RefVOSDataModule, collate, resolve_shards
+from datamodules.sampling import build_sample, plan_eval
+from glus_lightning.checkpoints import state as ckpt_state
+from glus_lightning.checkpoints.checkpoint_io import atomic_torch_save, load_checkpoint
+from glus_lightning.config import ConfigError, DataConfig, compose
+from glus_lightning.heads.frame_scorer import FrameScorer
+from glus_lightning.inference.predictor import load_module
+from glus_lightning.inference.sources import shard_records
+from glus_lightning.losses import upsample_logits
+from glus_lightning.metrics import mask_iou
+from glus_lightning.module import GLUSModule
+
+
+@dataclass
+class ScoreTargets:
+    """The scorer's training set: one row per (video, expression, frame)."""
+
+    inputs: Tensor  # float [N, prompt_dim + 2] FrameScorer inputs
+    targets: Tensor  # float [N] IoU of the memoryless mask (0 where the object is absent)
+    groups: Tensor  # long [N] the (video, expression) of the row: keyframes are picked within a group
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in asdict(self).items()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScoreTargets:
+        return cls(**load_file(path))
+
+
+@dataclass
+class RefineStats:
+    """How well the scorer fits its targets and what keyframes it picks (IoU at the picked frame, mean over groups)."""
+
+    rows: int
+    expressions: int
+    l1_before: float
+    l1_after: float
+    keyframe_iou: float  # at the frame the fitted scorer picks
+    oracle_iou: float  # at the best frame (what a perfect scorer picks)
+    first_frame_iou: float  # at frame 0 (where sequential tracking starts)
+
+
+def keyframe_targets(logits: Tensor, masks: list[Tensor], threshold: float) -> Tensor:
+    """``[E, T]`` IoU of thresholded memoryless logits ``[E, T, h, w]`` with each target ``[T, H, W]``; 0 where it is empty."""
+    rows = []
+    for lg, target in zip(logits, masks, strict=True):
+        pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > threshold
+        present = target.bool().flatten(1).any(1)
+        rows.append(torch.where(present.cpu(), mask_iou(pred, target.bool()).float().cpu(), 0.0))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress: bool = False) -> ScoreTargets:
+    """Segment every frame of every expression of ``batches`` (one video each) without memory and measure its IoU."""
+    inputs, targets, groups = [], [], []
+    group = 0
+    for batch in tqdm(batches, desc="refine: measure", unit="video", disable=not progress):
+        batch = batch.to(module.device)
+        evidence = module.frame_evidence(batch)
+        iou = keyframe_targets(evidence.memoryless.mask_logits, batch.masks, module.cfg.mask_threshold)
+        num_exp, num_frames = iou.shape
+        inputs.append(evidence.scorer_inputs.flatten(0, 1).cpu())
+        targets.append(iou.flatten())
+        groups.append(torch.arange(group, group + num_exp).repeat_interleave(num_frames))
+        group += num_exp
+    if not inputs:
+        raise ValueError("keyframe self-refinement got no training video to measure (check data.train and refine.videos)")
+    return ScoreTargets(torch.cat(inputs), torch.cat(targets), torch.cat(groups))
+
+
+def training_videos(cfg: DataConfig, count: int, rank: int = 0, world_size: int = 1) -> Iterator[RefVOSBatch]:
+    """The first ``count`` videos of the training shards (sorted), whole, with every expression; this rank's share."""
+    urls = sorted({url for entry in cfg.train for url in resolve_shards(cfg.root, entry.shards)})
+    for index, record in enumerate(shard_records(urls)):
+        if index >= count:
+            return
+        if index % world_size == rank:
+            yield collate([build_sample(record, plan_eval(record, cfg.num_context), cfg.image_size)])
+
+
+def _picked(scores: Tensor, targets: ScoreTargets) -> Tensor:
+    """Target IoU at the highest-scored row of each group."""
+    picked = []
+    for group in targets.groups.unique():
+        rows = (targets.groups == group).nonzero().flatten()
+        picked.append(targets.targets[rows[scores[rows].argmax()]])
+    return torch.stack(picked)
+
+
+def fit_scorer(scorer: FrameScorer, targets: ScoreTargets, steps: int, lr: float) -> RefineStats:
+    """Full-batch AdamW on the squared error to the targets (deterministic: replicas fitted on the same rows agree)."""
+    if steps < 1:
+        raise ValueError(f"refine.steps must be >= 1, got {steps}")
+    device = next(scorer.parameters()).device
+    with torch.inference_mode(False), torch.enable_grad():  # may be called inside Lightning's validation loop
+        inputs, wanted = targets.inputs.clone().to(device), targets.targets.clone().to(device)
+        with torch.no_grad():
+            before = scorer(inputs)
+        scorer.requires_grad_(True)
+        optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            F.mse_loss(scorer(inputs), wanted).backward()
+            optimizer.step()
+        scorer.requires_grad_(False)
+        with torch.no_grad():
+            after = scorer(inputs)
+        scorer.refined.fill_(True)
+    cpu = targets.targets
+    return RefineStats(
+        rows=len(cpu),
+        expressions=int(targets.groups.unique().numel()),
+        l1_before=float((before.cpu() - cpu).abs().mean()),
+        l1_after=float((after.cpu() - cpu).abs().mean()),
+        keyframe_iou=float(_picked(after.cpu(), targets).mean()),
+        oracle_iou=float(_picked(cpu, targets).mean()),
+        first_frame_iou=float(_picked(-torch.arange(len(cpu), dtype=torch.float), targets).mean()),  # lowest row = frame 0
+    )
+
+
+# ---------------------------------------------------------------------------------------- command
+
+
+def configure_refine_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides; ckpt_path=... is the model to refine")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint to write (default: <ckpt_path stem>-refined.ckpt, or <run_dir>/<name>/refined.ckpt)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def default_out(cfg: DictConfig) -> Path:
+    if cfg.ckpt_path is not None:
+        ckpt = Path(cfg.ckpt_path)
+        return ckpt.with_name(f"{ckpt.stem}-refined.ckpt")
+    return Path(cfg.run_dir, cfg.name, "refined.ckpt")
+
+
+def refined_checkpoint(module: GLUSModule, ckpt_path: str | None) -> dict[str, Any]:
+    """``ckpt_path``'s checkpoint (optimizer and loops kept, so training can resume from it) with the fitted scorer;
+    without one, a weights-only checkpoint of the module's trainable state (e.g. imported published weights)."""
+    if ckpt_path is not None:
+        checkpoint = load_checkpoint(ckpt_path)
+    else:
+        checkpoint = {
+            "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": {"config": OmegaConf.to_container(module.cfg, resolve=True)},
+            "state_dict": {k: v.cpu() for k, v in ckpt_state.trainable_state(module, module.state_dict()).items()},
+        }
+    checkpoint["state_dict"].update({k: v.cpu() for k, v in module.frame_scorer.state_dict(prefix="frame_scorer.").items()})
+    return checkpoint
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    """``glus refine-scores``: measure, write the targets, fit the scorer, write a checkpoint that holds it."""
+    try:
+        cfg = compose(args.overrides)
+        if cfg.ckpt_path == "last":
+            raise ConfigError("ckpt_path=last is for resuming `glus fit`; give the checkpoint file to refine")
+    except ConfigError as err:
+        print(f"glus refine-scores: config error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or default_out(cfg)
+    try:
+        RefVOSDataModule(cfg.data).prepare_data()  # the built-in synthetic data is generated if missing
+        module = load_module(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+        targets = collect_targets(module, training_videos(cfg.data, cfg.refine.videos), progress=not args.no_progress)
+        targets_file = targets.save(out.with_suffix(".targets.safetensors"))
+        stats = fit_scorer(module.frame_scorer, targets, cfg.refine.steps, cfg.refine.lr)
+        atomic_torch_save(refined_checkpoint(module, cfg.ckpt_path), out)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"glus refine-scores: {err}", file=sys.stderr)
+        return 2
+    print(format_stats(stats))
+    print(f"targets: {targets_file}\ncheckpoint: {out}")
+    print(f"next: glus validate {' '.join(a for a in args.overrides if not a.startswith('ckpt_path='))} ckpt_path={out} inference.keyframes=true")
+    return 0
+
+
+def format_stats(stats: RefineStats) -> str:
+    return "\n".join([
+        f"scorer fitted on {stats.rows} frames of {stats.expressions} expressions",
+        f"  mean |predicted - measured IoU|: {stats.l1_before:.4f} before, {stats.l1_after:.4f} after",
+        (f"  IoU at the keyframe it picks: {stats.keyframe_iou:.4f}  (best frame {stats.oracle_iou:.4f}, "
+         f"first frame {stats.first_frame_iou:.4f})"),
+    ])
+
