@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig
 
 from glus_lightning.config import ConfigError, compose, to_yaml
 
@@ -13,6 +16,18 @@ RUN_COMMANDS = {
     "test": "Lightning test loop over data.val: test/J, test/F, test/J&F (ckpt_path=... for trained weights)",
 }
 CSV_COMMANDS = ("validate", "test")
+
+
+def compose_or_report(command: str, overrides: list[str], check: Callable[[DictConfig], None] | None = None) -> DictConfig | None:
+    """The composed config (``check`` may raise ``ConfigError`` on it), or None after printing the error for ``glus command``."""
+    try:
+        cfg = compose(overrides)
+        if check is not None:
+            check(cfg)
+    except ConfigError as err:
+        print(f"glus {command}: config error: {err}", file=sys.stderr)
+        return None
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         from glus_lightning.checkpoints.importers import run_import
 
         return run_import(args)
-    try:
-        cfg = compose(args.overrides)
-    except ConfigError as err:
-        print(f"glus {args.command}: config error: {err}", file=sys.stderr)
+    cfg = compose_or_report(args.command, args.overrides)
+    if cfg is None:
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")

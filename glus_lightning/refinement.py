@@ -30,7 +30,7 @@ from datamodules.datamodule import RefVOSDataModule, collate, resolve_shards
 from datamodules.sampling import build_sample, plan_eval
 from glus_lightning.checkpoints import state as ckpt_state
 from glus_lightning.checkpoints.checkpoint_io import atomic_torch_save, load_checkpoint
-from glus_lightning.config import ConfigError, DataConfig, compose
+from glus_lightning.config import ConfigError, DataConfig
 from glus_lightning.heads.frame_scorer import FrameScorer
 from glus_lightning.inference.predictor import load_module
 from glus_lightning.inference.sources import shard_records
@@ -182,14 +182,17 @@ def refined_checkpoint(module: GLUSModule, ckpt_path: str | None) -> dict[str, A
     return checkpoint
 
 
+def _check_not_last(cfg: DictConfig) -> None:
+    if cfg.ckpt_path == "last":
+        raise ConfigError("ckpt_path=last is for resuming `glus fit`; give the checkpoint file to refine")
+
+
 def run_refine(args: argparse.Namespace) -> int:
     """``glus refine-scores``: measure, write the targets, fit the scorer, write a checkpoint that holds it."""
-    try:
-        cfg = compose(args.overrides)
-        if cfg.ckpt_path == "last":
-            raise ConfigError("ckpt_path=last is for resuming `glus fit`; give the checkpoint file to refine")
-    except ConfigError as err:
-        print(f"glus refine-scores: config error: {err}", file=sys.stderr)
+    from glus_lightning.cli import compose_or_report
+
+    cfg = compose_or_report("refine-scores", args.overrides, _check_not_last)
+    if cfg is None:
         return 2
     out = args.out or default_out(cfg)
     try:

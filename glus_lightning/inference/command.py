@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from datamodules.datamodule import resolve_shards
 from datamodules.records import Expression
-from glus_lightning.config import ConfigError, compose, to_yaml
+from glus_lightning.config import ConfigError, to_yaml
 from glus_lightning.inference.predictor import load_module, segment_video
 from glus_lightning.inference.sources import Video, read_input
 from glus_lightning.inference.submission import SUBMISSION_FORMATS, rank_and_world, write_submission, write_zip
@@ -40,13 +40,16 @@ def configure_predict_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def _check_overlay(cfg: DictConfig) -> None:
+    if cfg.inference.overlay not in OVERLAY_KINDS:
+        raise ConfigError(f"inference.overlay={cfg.inference.overlay!r}; valid: {', '.join(OVERLAY_KINDS)}")
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    try:
-        cfg = compose(args.overrides)
-        if cfg.inference.overlay not in OVERLAY_KINDS:
-            raise ConfigError(f"inference.overlay={cfg.inference.overlay!r}; valid: {', '.join(OVERLAY_KINDS)}")
-    except ConfigError as err:
-        print(f"glus predict: config error: {err}", file=sys.stderr)
+    from glus_lightning.cli import compose_or_report
+
+    cfg = compose_or_report("predict", args.overrides, _check_overlay)
+    if cfg is None:
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
