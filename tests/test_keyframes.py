@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glus_lightning.segmentation.segmenter import propagation_order
-from tests.test_segmenter import frames_like, make, prompts_like
+from test_segmenter import frames_like, make, prompts_like
 
 T = 6
 

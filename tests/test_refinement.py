@@ -8,17 +8,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
 from glus_lightning.cli import main
+from glus_lightning.config import compose
 from glus_lightning.inference.command import predict_to_folder
 from glus_lightning.inference.predictor import load_module
 from glus_lightning.inference.sources import record_video, shard_records
 from glus_lightning.module import GLUSModule
 from glus_lightning.refinement import ScoreTargets, collect_targets, fit_scorer, keyframe_targets, training_videos
-from tests.test_module import tiny_config
+from glus_lightning.runner import fit
+from test_cli_fit import tiny_run
+from test_module import tiny_config
 
 
 def val_video(cfg) -> RefVOSBatch:
@@ -100,7 +104,6 @@ def test_refine_scores_command_then_keyframe_predict_writes_every_frame_under_it
     assert bool(checkpoint["state_dict"]["frame_scorer.refined"])
     assert ScoreTargets.load(tmp_path / "refined.targets.safetensors").targets.numel() > 0
 
-    from glus_lightning.config import compose
     cfg = compose([*overrides, f"ckpt_path={out}", "inference.keyframes=true"])
     module = load_module(cfg)
     assert bool(module.frame_scorer.refined)
@@ -120,16 +123,11 @@ def test_refine_scores_command_then_keyframe_predict_writes_every_frame_under_it
 
 
 def test_fit_with_keyframes_refines_the_scorer_before_validation_and_checkpoints_it(tmp_path: Path) -> None:
-    from glus_lightning.config import compose
-    from glus_lightning.runner import fit
-    from tests.test_cli_fit import tiny_run
-
     cfg = compose([*tiny_run(tmp_path), "trainer.max_steps=2", "inference.keyframes=true", "refine.videos=2", "refine.steps=10"])
     results = fit(cfg)
     assert 0.0 <= results["val/J&F"] <= 1.0  # validated with keyframes: it would raise with an unrefined scorer
     run = tmp_path / "runs" / "demo" / "version_0"
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert bool(state["frame_scorer.refined"]) and "frame_scorer.net.0.weight" in state
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run)).Reload()
     assert "refine/keyframe_iou" in events.Tags()["scalars"]
