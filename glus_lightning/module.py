@@ -136,6 +136,12 @@ class GLUSModule(L.LightningModule):
     @torch.no_grad()
     def frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:
         """Prompts, features and memoryless masks of every (expression, frame) of one video (see ``FrameEvidence``)."""
+        return self._frame_evidence(batch)
+
+    def _frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:
+        # FSDP2 forward methods must not nest: the inner call leaves the root idle and the outer one then reshards
+        # the root's weights even while strategies.gather_units holds them (a hang when ranks' video counts differ),
+        # so predict_video reaches this body directly and the public, registered frame_evidence is only an entry point
         num_exp = len(batch.expressions)
         prompts, levels, memoryless = [], [], []
         for frame_ids, window_prompts in self._window_prompts(batch):
@@ -158,7 +164,7 @@ class GLUSModule(L.LightningModule):
                 "inference.keyframes=true needs a refined frame scorer, and this model's was never fitted: run "
                 "`glus refine-scores ckpt_path=...` and use the checkpoint it writes (glus fit refines it before each validation)"
             )
-        evidence = self.frame_evidence(batch)
+        evidence = self._frame_evidence(batch)
         keyframes = self.frame_scorer(evidence.scorer_inputs).argmax(dim=1)
         return self.segmenter.track_from_keyframes(evidence.features, evidence.prompts, keyframes.tolist()).mask_logits
 

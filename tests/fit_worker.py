@@ -6,6 +6,7 @@ Each rank appends ``{"step", "loss", "videos", "frames", "expressions", "object_
 training, the float64 sum of its (gathered) trainable parameters and how many are FSDP2 shards to ``OUT_DIR/params.rank<r>.json``
 its frame scorer's state (refined flag, parameter sum, FSDP2 shards) to ``OUT_DIR/scorer.rank<r>.json``
 and, with the contrastive loss on, its bank's keys and pointer to ``OUT_DIR/bank.rank<r>.json``.
+After each validation, its J&F and the keys of the expressions scored (all ranks') go to ``OUT_DIR/val.rank<r>.json``.
 ``--hang-at-step N`` stops before step N (its checkpoints already written), touches ``OUT_DIR/hung`` and sleeps,
 so that the test can kill the process there.
 """
@@ -40,6 +41,10 @@ class Recorder(L.Callback):
             f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"]), "videos": batch.video_ids,
                                 "frames": batch.frame_indices.tolist(), "expressions": batch.expressions,
                                 "object_keys": expression_keys(batch)[1].tolist()}) + "\n")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        (self.out / f"val.rank{trainer.global_rank}.json").write_text(json.dumps({
+            "J&F": float(trainer.callback_metrics["val/J&F"]), "expressions": sorted(pl_module.expression_scores)}))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total, sharded = 0.0, 0

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from datamodules.datamodule import RefVOSDataModule
+from datamodules.prepare import prepare_synthetic
 from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
 from glus_lightning.config import compose, load_group
 from glus_lightning.module import GLUSModule
@@ -59,10 +60,23 @@ def scorers(out: Path) -> list[dict]:
     return [json.loads((out / f"scorer.rank{r}.json").read_text()) for r in range(2)]
 
 
+def validations(out: Path) -> list[dict]:
+    return [json.loads((out / f"val.rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
-def ddp_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[dict]], list[dict]]:
+def uneven_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """Like ``data_root``, but 3 validation videos (one per shard): one rank validates 2 videos, the other 1."""
+    root = tmp_path_factory.mktemp("uneven")
+    manifests = prepare_synthetic(root, seed=5, num_train=8, num_val=3, frames=6, size=48)
+    assert len(manifests["val"].shards) == 3
+    return root, manifests["val"].expressions
+
+
+@pytest.fixture(scope="module")
+def ddp_run(uneven_root: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[dict]], list[dict]]:
     out = tmp_path_factory.mktemp("ddp")
-    return out, *two_process_run(data_root, out, "ddp")
+    return out, *two_process_run(uneven_root[0], out, "ddp")
 
 
 def test_strategy_names_build_lightning_strategies() -> None:
@@ -89,8 +103,9 @@ def test_ddp_two_processes_train_in_step(ddp_run: tuple[Path, list[list[dict]], 
     assert bool(ckpt["state_dict"]["frame_scorer.refined"])
 
 
-def test_fsdp2_two_processes_shard_and_match_ddp(data_root: Path, tmp_path: Path,
+def test_fsdp2_two_processes_shard_and_match_ddp(uneven_root: tuple[Path, int], tmp_path: Path,
                                                   ddp_run: tuple[Path, list[list[dict]], list[dict]]) -> None:
+    data_root, val_expressions = uneven_root
     losses, params = two_process_run(data_root, tmp_path, "fsdp")
     ddp_out, ddp_losses, ddp_params = ddp_run
     assert params[0]["sharded"] > 0  # trainable parameters are DTensor shards
@@ -104,6 +119,11 @@ def test_fsdp2_two_processes_shard_and_match_ddp(data_root: Path, tmp_path: Path
     assert all(r["refined"] and r["sharded"] > 0 for r in ranks)
     assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-9)
     assert ranks[0]["sum"] == pytest.approx(scorers(ddp_out)[0]["sum"], rel=1e-4)
+    # keyframe validation of 2 videos on one rank and 1 on the other: every expression scored once, as under DDP
+    val, ddp_val = validations(tmp_path), validations(ddp_out)
+    assert len(val[0]["expressions"]) == val_expressions and val[0] == val[1]
+    assert val[0]["expressions"] == ddp_val[0]["expressions"]
+    assert val[0]["J&F"] == pytest.approx(ddp_val[0]["J&F"], rel=1e-4)
     ckpt = load_checkpoint(next((tmp_path / "runs").rglob("last.ckpt")))  # one file, gathered on rank 0
     model_keys = {n for n, p in GLUSModule(compose(tiny_overrides(data_root, tmp_path))).named_parameters() if p.requires_grad}
     assert model_keys <= set(ckpt["state_dict"])
