@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,10 +21,11 @@ from glus_lightning.module import GLUSModule
 
 
 def overrides(data_root: Path, run_dir: Path) -> list[str]:
-    # 2 steps per epoch, 4 steps: the checkpoint of step 2 is written at the end of epoch 0's validation
+    # 2 steps per epoch, 4 steps: the checkpoint of step 2 is written at the end of epoch 0's validation.
+    # The object-contrastive loss is on, as in the glus experiments: steps 2 and 3 draw negatives from its bank.
     return [f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3", "data.batch_size=1",
-            "data.max_expressions=2", "data.samples_per_epoch=2", "trainer.max_steps=4", "trainer.val_check_interval=1.0",
-            f"run_dir={run_dir}"]
+            "data.max_expressions=3", "data.samples_per_epoch=2", "trainer.max_steps=4", "trainer.val_check_interval=1.0",
+            "data.expression_sampling=pairs", "loss.contrastive_weight=0.1", f"run_dir={run_dir}"]
 
 
 def test_killed_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
@@ -51,6 +53,8 @@ def test_killed_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
         assert have["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
     final = load_checkpoint(next((cut / "runs").rglob("last.ckpt")))
     assert final["global_step"] == 4
+    banks = [json.loads((run / "bank.rank0.json").read_text()) for run in (full, cut)]
+    assert banks[0] == banks[1] and banks[0]["pointer"] > 0  # the bank came back from the checkpoint, entry for entry
 
 
 def test_checkpoint_holds_trainable_state_and_refuses_other_families(data_root: Path, tmp_path: Path) -> None:
