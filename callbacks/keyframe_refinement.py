@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import lightning as L
 import torch
 
@@ -58,16 +60,14 @@ def gather_targets(module: L.LightningModule, targets: ScoreTargets) -> ScoreTar
     counts = module.all_gather(torch.tensor([len(targets.targets)], device=device)).flatten().tolist()
     most = max(counts)
 
-    def gathered(t: torch.Tensor) -> torch.Tensor:
+    def gathered(t: torch.Tensor) -> list[torch.Tensor]:
         padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
         padded[: len(t)] = t.to(device)
-        return module.all_gather(padded).cpu()  # [world, most, ...]
+        per_rank = module.all_gather(padded).cpu()  # [world, most, ...]
+        return [per_rank[r, :n] for r, n in enumerate(counts)]
 
-    inputs, values, groups = gathered(targets.inputs), gathered(targets.targets), gathered(targets.groups)
+    rows = {field.name: gathered(getattr(targets, field.name)) for field in fields(ScoreTargets)}
     num_groups = module.all_gather(torch.tensor([int(targets.groups.max()) + 1], device=device)).flatten().cpu()
     offsets = num_groups.cumsum(0) - num_groups  # groups of earlier ranks come first
-    return ScoreTargets(
-        torch.cat([inputs[r, :n] for r, n in enumerate(counts)]),
-        torch.cat([values[r, :n] for r, n in enumerate(counts)]),
-        torch.cat([groups[r, :n] + offsets[r] for r, n in enumerate(counts)]),
-    )
+    rows["groups"] = [groups + offset for groups, offset in zip(rows["groups"], offsets, strict=True)]
+    return ScoreTargets(**{name: torch.cat(parts) for name, parts in rows.items()})

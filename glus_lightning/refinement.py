@@ -46,6 +46,7 @@ class ScoreTargets:
     inputs: Tensor  # float [N, prompt_dim + 2] FrameScorer inputs
     targets: Tensor  # float [N] IoU of the memoryless mask (0 where the object is absent)
     groups: Tensor  # long [N] the (video, expression) of the row: keyframes are picked within a group
+    frames: Tensor  # long [N] the row's frame index in its video
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -84,7 +85,7 @@ def keyframe_targets(logits: Tensor, masks: list[Tensor], threshold: float) -> T
 @torch.no_grad()
 def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress: bool = False) -> ScoreTargets:
     """Segment every frame of every expression of ``batches`` (one video each) without memory and measure its IoU."""
-    inputs, targets, groups = [], [], []
+    inputs, targets, groups, frames = [], [], [], []
     group = 0
     for batch in tqdm(batches, desc="refine: measure", unit="video", disable=not progress):
         batch = batch.to(module.device)
@@ -94,10 +95,11 @@ def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress
         inputs.append(evidence.scorer_inputs.flatten(0, 1).cpu())
         targets.append(iou.flatten())
         groups.append(torch.arange(group, group + num_exp).repeat_interleave(num_frames))
+        frames.append(torch.arange(num_frames).repeat(num_exp))
         group += num_exp
     if not inputs:
         raise ValueError("keyframe self-refinement got no training video to measure (check data.train and refine.videos)")
-    return ScoreTargets(torch.cat(inputs), torch.cat(targets), torch.cat(groups))
+    return ScoreTargets(torch.cat(inputs), torch.cat(targets), torch.cat(groups), torch.cat(frames))
 
 
 def training_videos(cfg: DataConfig, count: int, rank: int = 0, world_size: int = 1) -> Iterator[RefVOSBatch]:
@@ -146,7 +148,7 @@ def fit_scorer(scorer: FrameScorer, targets: ScoreTargets, steps: int, lr: float
         l1_after=float((after.cpu() - cpu).abs().mean()),
         keyframe_iou=float(_picked(after.cpu(), targets).mean()),
         oracle_iou=float(_picked(cpu, targets).mean()),
-        first_frame_iou=float(_picked(-torch.arange(len(cpu), dtype=torch.float), targets).mean()),  # lowest row = frame 0
+        first_frame_iou=float(cpu[targets.frames == 0].mean()),  # every group has one frame 0
     )
 
 

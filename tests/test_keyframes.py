@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_segmenter import frames_like, make, prompts_like
 
 from glus_lightning.segmentation.segmenter import propagation_order
-from test_segmenter import frames_like, make, prompts_like
 
 T = 6
 

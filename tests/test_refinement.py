@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli_fit import tiny_run
+from test_module import tiny_config
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import RefVOSDataModule
@@ -21,8 +23,6 @@ from glus_lightning.inference.sources import record_video, shard_records
 from glus_lightning.module import GLUSModule
 from glus_lightning.refinement import ScoreTargets, collect_targets, fit_scorer, keyframe_targets, training_videos
 from glus_lightning.runner import fit
-from test_cli_fit import tiny_run
-from test_module import tiny_config
 
 
 def val_video(cfg) -> RefVOSBatch:
@@ -60,11 +60,15 @@ def test_scorer_learns_its_targets_and_keyframe_inference_runs(model: GLUSModule
     rows = sum(len(b.expressions) * b.num_query for b in videos)
     assert targets.inputs.shape == (rows, model.segmenter.prompt_dim + 2) and len(targets.groups.unique()) == sum(
         len(b.expressions) for b in videos)
+    frames = [t for b in videos for _ in b.expressions for t in range(b.num_query)]  # rows: video, expression, frame
+    assert targets.frames.tolist() == frames
     scorer = model.frame_scorer
     before = [p.clone() for p in scorer.parameters()]
     stats = fit_scorer(scorer, targets, steps=200, lr=1e-2)
     assert stats.l1_after < stats.l1_before and bool(scorer.refined)
     assert stats.keyframe_iou <= stats.oracle_iou + 1e-9
+    first = [iou for iou, t in zip(targets.targets.tolist(), frames, strict=True) if t == 0]
+    assert stats.first_frame_iou == pytest.approx(sum(first) / len(first)) and len(first) == len(targets.groups.unique())
     assert not any(p.requires_grad for p in scorer.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, scorer.parameters()))
 
@@ -89,9 +93,9 @@ def test_keyframe_inference_without_a_refined_scorer_says_what_to_run(data_root:
 
 
 def test_targets_round_trip_through_safetensors(tmp_path: Path) -> None:
-    targets = ScoreTargets(torch.rand(5, 4), torch.rand(5), torch.tensor([0, 0, 1, 1, 1]))
+    targets = ScoreTargets(torch.rand(5, 4), torch.rand(5), torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 0, 1, 2]))
     loaded = ScoreTargets.load(targets.save(tmp_path / "t.safetensors"))
-    for name in ("inputs", "targets", "groups"):
+    for name in ("inputs", "targets", "groups", "frames"):
         assert torch.equal(getattr(loaded, name), getattr(targets, name))
 
 
