@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 
 from omegaconf import DictConfig
 
@@ -31,12 +32,13 @@ def compose_or_report(command: str, overrides: list[str], check: Callable[[DictC
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from datamodules.prepare import configure_prepare_parser
-    from glus_lightning.checkpoints.export import configure_export_parser
-    from glus_lightning.checkpoints.importers import configure_import_parser
-    from glus_lightning.evaluation import configure_evaluate_parser
-    from glus_lightning.inference.command import configure_predict_parser
-    from glus_lightning.refinement import configure_refine_parser
+    """Every subcommand with its arguments; each sets ``args.handler``, the function that runs it."""
+    from datamodules.prepare import configure_prepare_parser, run_prepare
+    from glus_lightning.checkpoints.export import configure_export_parser, run_export
+    from glus_lightning.checkpoints.importers import configure_import_parser, run_import
+    from glus_lightning.evaluation import configure_evaluate_parser, run_evaluate
+    from glus_lightning.inference.command import configure_predict_parser, run_predict
+    from glus_lightning.refinement import configure_refine_parser, run_refine
 
     parser = argparse.ArgumentParser(
         prog="glus",
@@ -44,48 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
         "group=choice (experiment, backbone, segmenter, data, trainer) and dotted.key=value.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    configure_prepare_parser(sub.add_parser("prepare", help="convert a dataset (or generate the synthetic one) into WebDataset shards"))
+
+    def add(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None],
+            handler: Callable[[argparse.Namespace], int]) -> None:
+        configure(command := sub.add_parser(name, help=help_text))
+        command.set_defaults(handler=handler)
+
+    add("prepare", "convert a dataset (or generate the synthetic one) into WebDataset shards", configure_prepare_parser, run_prepare)
     for name, help_text in RUN_COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. experiment=demo trainer.max_steps=100")
-        cmd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        if name in CSV_COMMANDS:
-            cmd.add_argument("--csv", default=None, help="also write per-expression, video and overall scores to this CSV")
-    configure_evaluate_parser(sub.add_parser("evaluate", help="J, F and J&F of saved prediction PNGs against official ground truth"))
-    configure_import_parser(sub.add_parser("import", help="convert published weights (LISA-7B-v1, GLUS releases) into loadable files"))
-    configure_predict_parser(sub.add_parser("predict", help="segment videos (masks, overlay, summary) or write a server submission"))
-    configure_refine_parser(sub.add_parser("refine-scores", help="keyframe self-refinement: fit the frame scorer to the "
-                                           "model's own per-frame IoU on training videos, write a checkpoint with it"))
-    configure_export_parser(sub.add_parser("export", help="merge LoRA and write a Hugging Face model + SAM2/heads safetensors"))
+        add(name, help_text, partial(configure_run_parser, csv=name in CSV_COMMANDS), run_config_command)
+    add("evaluate", "J, F and J&F of saved prediction PNGs against official ground truth", configure_evaluate_parser, run_evaluate)
+    add("import", "convert published weights (LISA-7B-v1, GLUS releases) into loadable files", configure_import_parser, run_import)
+    add("predict", "segment videos (masks, overlay, summary) or write a server submission", configure_predict_parser, run_predict)
+    add("refine-scores", "keyframe self-refinement: fit the frame scorer to the model's own per-frame IoU on training videos, "
+        "write a checkpoint with it", configure_refine_parser, run_refine)
+    add("export", "merge LoRA and write a Hugging Face model + SAM2/heads safetensors", configure_export_parser, run_export)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "prepare":
-        from datamodules.prepare import run_prepare
+def configure_run_parser(parser: argparse.ArgumentParser, csv: bool) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. experiment=demo trainer.max_steps=100")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if csv:
+        parser.add_argument("--csv", default=None, help="also write per-expression, video and overall scores to this CSV")
 
-        return run_prepare(args)
-    if args.command == "evaluate":
-        from glus_lightning.evaluation import run_evaluate
 
-        return run_evaluate(args)
-    if args.command == "predict":
-        from glus_lightning.inference.command import run_predict
-
-        return run_predict(args)
-    if args.command == "refine-scores":
-        from glus_lightning.refinement import run_refine
-
-        return run_refine(args)
-    if args.command == "export":
-        from glus_lightning.checkpoints.export import run_export
-
-        return run_export(args)
-    if args.command == "import":
-        from glus_lightning.checkpoints.importers import run_import
-
-        return run_import(args)
+def run_config_command(args: argparse.Namespace) -> int:
+    """``glus fit | validate | test``: compose the config, then hand it to the runner of the same name."""
     cfg = compose_or_report(args.command, args.overrides)
     if cfg is None:
         return 2
@@ -96,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
     getattr(runner, args.command)(cfg, **({"csv": args.csv} if args.command in CSV_COMMANDS else {}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":
