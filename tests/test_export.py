@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_module import train_steps
 from test_scale import FROZEN
 from transformers import LlavaForConditionalGeneration
 
@@ -27,11 +28,7 @@ def trained_checkpoint(data_root: Path, path: Path, *overrides: str, steps: int 
     L.seed_everything(cfg.seed)
     model = GLUSModule(cfg)
     batch = next(iter(RefVOSDataModule(cfg.data).train_dataloader()))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        model.training_step(batch, 0).backward()
-        opt.step()
+    train_steps(model, batch, steps, lr=1e-2)
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     model.on_save_checkpoint(checkpoint)
     atomic_torch_save(checkpoint, path)

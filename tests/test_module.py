@@ -29,6 +29,19 @@ def first_batch(cfg: DictConfig, split: str = "train") -> RefVOSBatch:
     return next(iter(loader))
 
 
+def train_steps(model: GLUSModule, batch: RefVOSBatch, steps: int, lr: float = 1e-3) -> list[float]:
+    """``steps`` AdamW steps of ``training_step`` on one batch; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_forward_shapes_and_gradient_flow(data_root: Path) -> None:
     # the reference freezing policy (the demo, with nothing pretrained, trains these parts too)
     cfg = tiny_config(data_root, "backbone.train_vision_tower=false", "segmenter.train_image_encoder=false",
@@ -98,14 +111,7 @@ def test_short_training_run_lowers_loss_and_raises_iou(data_root: Path) -> None:
     model.eval()  # fixed prompt wording for the measurements
     iou_before = _mean_iou(model, batch)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(100):
-        opt.zero_grad()
-        loss = model.training_step(batch, 0)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 100)
     model.eval()
     iou_after = _mean_iou(model, batch)
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from test_module import train_steps
 
 from datamodules.datamodule import RefVOSDataModule
 from datamodules.prepare import prepare_synthetic
@@ -139,14 +140,7 @@ def test_qlora_tiny_model_trains_adapters_over_frozen_4bit_weights(data_root: Pa
     base_before = quantized[0].weight.detach().clone()
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     batch = next(iter(RefVOSDataModule(cfg.data).train_dataloader()))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(2):
-        opt.zero_grad()
-        loss = model.training_step(batch, 0)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 2)
     assert losses[-1] < losses[0]
     assert torch.equal(quantized[0].weight, base_before)
     assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
