@@ -22,7 +22,7 @@ from glus_lightning.heads.seg_projection import SegProjection
 from glus_lightning.losses import iou_prediction_loss, mask_losses, presence_loss, upsample_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.segmentation import FrameFeatures, TrackOutput, build_segmenter
-from glus_lightning.segmentation.segmenter import TRACK_FIELDS
+from glus_lightning.segmentation.segmenter import cat_tracks
 from glus_lightning.strategies import gather_units, is_block, release_units
 
 
@@ -155,7 +155,7 @@ class GLUSModule(L.LightningModule):
         return FrameEvidence(
             prompts=torch.cat(prompts, dim=1),
             features=FrameFeatures(tuple(torch.cat(level) for level in zip(*levels)), features.pos),
-            memoryless=TrackOutput(*(torch.cat([getattr(m, name) for m in memoryless], dim=1) for name in TRACK_FIELDS)),
+            memoryless=cat_tracks(memoryless),
         )
 
     def _predict_from_keyframes(self, batch: RefVOSBatch) -> Tensor:

@@ -9,7 +9,7 @@ predicted mask -> push to the bank.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,9 @@ class TrackOutput:
     object_score_logits: Tensor  # [N, T]
 
 
-TRACK_FIELDS = ("mask_logits", "iou_pred", "object_score_logits")
+def cat_tracks(parts: Sequence[TrackOutput]) -> TrackOutput:
+    """Frames of the same tracks, concatenated along the frame axis."""
+    return TrackOutput(*(torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(TrackOutput)))
 
 
 class MemorySegmenter(nn.Module):
@@ -247,7 +249,6 @@ class MemorySegmenter(nn.Module):
             object_score_logits=torch.stack([o.object_score_logits for o in outs], dim=1),
         )
 
-
     def track_from_keyframes(self, features: FrameFeatures, prompts: Tensor, keyframes: Sequence[int]) -> TrackOutput:
         """Keyframe propagation: each track starts at its keyframe with an empty memory, then runs forward to the
         video's end and, from a copy of the memory holding only the keyframe, backward to its start.
@@ -271,10 +272,10 @@ class MemorySegmenter(nn.Module):
             parts = [ahead, self._track_frames(features, prompts[rows], memory, forward[1:]),
                      self._track_frames(features, prompts[rows], behind, backward)]
             visited = torch.tensor([*forward, *backward], device=prompts.device)
-            merged = _cat_tracks([p for p in parts if p is not None])
+            merged = cat_tracks([p for p in parts if p is not None])
             in_frame_order = visited.argsort()
             for j, row in enumerate(rows):
-                outputs[row] = TrackOutput(*(getattr(merged, name)[j, in_frame_order] for name in TRACK_FIELDS))
+                outputs[row] = TrackOutput(*(getattr(merged, f.name)[j, in_frame_order] for f in fields(merged)))
         return _stack_tracks([o for o in outputs if o is not None])
 
     def _track_frames(self, features: FrameFeatures, prompts: Tensor, memory: MemoryBank, frame_ids: list[int]) -> TrackOutput | None:
@@ -292,12 +293,8 @@ def propagation_order(num_frames: int, keyframe: int) -> tuple[list[int], list[i
     return list(range(keyframe, num_frames)), list(range(keyframe - 1, -1, -1))
 
 
-def _cat_tracks(parts: list[TrackOutput]) -> TrackOutput:
-    return TrackOutput(*(torch.cat([getattr(p, name) for p in parts], dim=1) for name in TRACK_FIELDS))
-
-
 def _stack_tracks(rows: list[TrackOutput]) -> TrackOutput:
-    return TrackOutput(*(torch.stack([getattr(r, name) for r in rows]) for name in TRACK_FIELDS))
+    return TrackOutput(*(torch.stack([getattr(r, f.name) for r in rows]) for f in fields(TrackOutput)))
 
 
 def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
