@@ -14,7 +14,7 @@ from glus_lightning.strategies import gathered
 
 
 class KeyframeSelfRefinement(L.Callback):
-    """Before a validation (or an epoch-end checkpoint) at a new step, measure the current model's per-frame IoU on ``refine.videos`` training
+    """Before a validation (or the final checkpoint) at a new step, measure the current model's per-frame IoU on ``refine.videos`` training
     videos (split over ranks, gathered) and fit the frame scorer to it, so keyframe validation and the checkpoint
     written after it use a scorer that knows this model. Every rank fits on the same gathered rows: DDP replicas
     agree, and under FSDP the scorer is its own sharded unit that every rank steps together.
@@ -28,8 +28,10 @@ class KeyframeSelfRefinement(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._refine(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """An epoch that ends without a validation (e.g. at max_steps) is checkpointed next: refine for it too."""
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Training that ends without a validation at its last step is checkpointed next (``LastCheckpoint`` runs
+        after this callback): refine for it too. Not at epoch ends: epochs are not validation or checkpoint steps,
+        and a run resumed from a checkpoint at an epoch's last batch would not repeat that epoch's end."""
         self._refine(trainer, pl_module)
 
     def _refine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

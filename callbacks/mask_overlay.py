@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from datamodules.batch import RefVOSBatch
+from glus_lightning.losses import upsample_logits
 
 PRED_COLOUR = (255, 60, 60)  # prediction filled in red
 TARGET_COLOUR = (60, 255, 60)  # ground-truth outline in green
@@ -34,7 +35,11 @@ def overlay(frames: Tensor, pred: Tensor, target: Tensor, alpha: float = 0.5) ->
 
 
 class MaskOverlayLogger(L.Callback):
-    """Logs, for the first ``num_videos`` validation videos, one strip per expression (frames side by side)."""
+    """Logs, for the first ``num_videos`` validation videos, one strip per expression (frames side by side).
+
+    Reads the module's ``validation_step`` output ``{"mask_logits": [E, T, h, w]}``; each prediction is thresholded
+    at the video's resolution, as it is scored.
+    """
 
     def __init__(self, num_videos: int) -> None:
         self.num_videos = num_videos
@@ -49,7 +54,11 @@ class MaskOverlayLogger(L.Callback):
         if logger is None or not outputs:
             return
         frames = batch.query_frames[0]
-        for e, (pred, target) in enumerate(zip(outputs["pred_masks"], batch.masks, strict=True)):
-            strip = torch.cat(list(overlay(frames, pred, target.bool())), dim=-1)  # [3, S, T*S]
+        threshold = pl_module.cfg.mask_threshold
+        for e, logits in enumerate(outputs["mask_logits"]):  # one expression at a time: targets are built when used
+            target = batch.targets.expression_target(e).bool()
+            pred = upsample_logits(logits.float(), tuple(target.shape[-2:])) > threshold  # as scored
+            strip = torch.cat(list(overlay(frames, pred, target)), dim=-1)  # [3, S, T*S]
+            del target, pred
             tag = f"val_overlay/{batch.video_ids[0]}/{e}: {batch.expressions[e]}"
             logger.experiment.add_image(tag, strip, global_step=trainer.global_step)

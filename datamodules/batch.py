@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from datamodules.targets import Targets
+
 
 @dataclass
 class RefVOSBatch:
@@ -16,7 +18,9 @@ class RefVOSBatch:
     turns them into its own pixel input on the device (its per-backbone processing hook), so one
     decoded frame serves both. Per video the C context frames come first, then the query frames:
     training takes Q consecutive query frames, evaluation takes every frame of the video.
-    Expressions of one video share its frames (one conversation each).
+    Expressions of one video share its frames (one conversation each). Targets are decoded in the loader for
+    training (``DenseTargets``, also ``masks``) and kept as per-object RLE for evaluation (``ObjectTargets``: one
+    expression's target is built with ``targets.expression_target(e)`` when it is scored).
     """
 
     frames: Tensor  # uint8 [B, C + Q, 3, S, S]
@@ -26,11 +30,17 @@ class RefVOSBatch:
     expression_ids: list[str]  # E dataset expression ids
     expression_video: Tensor  # long [E]: the video (0..B-1) of each expression
     expression_objects: list[tuple[int, ...]]  # E object-id sets
-    masks: list[Tensor]  # E targets, uint8 {0,1} [Q, H_v, W_v] at the video's original resolution
+    targets: Targets  # E targets, uint8 {0,1} [Q, H_v, W_v] at the video's original resolution (datamodules/targets.py)
     video_ids: list[str]  # B
     datasets: list[str]  # B
     video_objects: list[tuple[int, ...]]  # B: every object id of the video
     frame_names: list[list[str]]  # B lists of Q names of the query frames
+
+    @property
+    def masks(self) -> list[Tensor]:
+        """Every expression's target at once: training batches (a few query frames). Evaluation batches carry
+        per-object RLE instead and refuse this: build one target at a time with ``targets.expression_target(e)``."""
+        return self.targets.dense()
 
     @property
     def num_query(self) -> int:
@@ -50,5 +60,5 @@ class RefVOSBatch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
-        moved["masks"] = [m.to(device) for m in self.masks]
+        moved["targets"] = self.targets.to(device)
         return replace(self, **moved)

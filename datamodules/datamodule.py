@@ -7,12 +7,19 @@ shuffle buffer with only its planned frames' bytes, then decoded. Every rank and
 own stream from seeds derived from ``(data.seed, rank, worker, epoch)``: runs are reproducible,
 workers do not repeat each other, and resampling takes the place of splitting shards, so any shard
 count serves any number of ranks and workers. An epoch is ``data.samples_per_epoch`` videos over
-all ranks (rounded up to whole batches per worker); its number is kept in the checkpoint
-(``state_dict``) so a resumed run goes on with new samples.
+all ranks, rounded up so that every worker gives whole batches and every rank whole gradient-accumulation
+cycles (an optimiser step never straddles two epochs). The loader's position in the stream (pass number,
+batches handed out) is kept in the checkpoint (``EpochLoader.state_dict``): a run resumed mid-epoch skips,
+in each worker, the planned videos it had already given, before decoding them, and goes on with the very
+batches the uninterrupted run would have drawn next.
 
-Validation/test: the shards of ``data.val`` are split by rank, then by worker, and each is read
-once, so every video appears exactly once over all ranks and workers; a batch is one whole video
-(every frame a query) with all its expressions.
+Validation/test: the videos of ``data.val`` (whatever their number of shards, one shard included)
+are split by video over ranks, then workers, balanced by size (``eval_split``: an index of the tar
+headers, then each worker reads only its own videos' bytes), so every video appears exactly once
+over all ranks and workers; a batch is one whole video (every frame a query) with all its
+expressions. Its targets are the per-object RLE of the video (``targets.ObjectTargets``): the dense
+``[T, H, W]`` target of an expression is decoded when it is scored, one at a time, so a sample's
+memory does not grow with its expressions.
 
 With ``data.synthetic`` set, ``prepare_data`` generates the built-in dataset under ``data.root``
 when its shards are missing.
@@ -46,6 +53,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from datamodules.batch import RefVOSBatch
+from datamodules.eval_split import index_shards, rank_share, read_videos, worker_share
 from datamodules.prepare import prepare_synthetic
 from datamodules.records import RecordError, VideoRecord
 from datamodules.sampling import (
@@ -57,6 +65,7 @@ from datamodules.sampling import (
     plan_eval,
     plan_train,
 )
+from datamodules.targets import Targets
 from glus_lightning.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -112,30 +121,44 @@ class Source:
 class TrainStream(IterableDataset):
     """Endless, weighted mix of the training datasets, cut to this rank's share of an epoch."""
 
-    def __init__(self, sources: list[Source], cfg: DataConfig, rank: int, world_size: int, skipped: SkipCounter) -> None:
+    def __init__(self, sources: list[Source], cfg: DataConfig, rank: int, world_size: int, skipped: SkipCounter,
+                 accumulate_grad_batches: int = 1) -> None:
         super().__init__()
         self.sources = sources
         self.cfg = cfg
         self.rank = rank
         self.skipped = skipped
         self.epoch = 0
+        self.start = 0  # batches of this pass already consumed (a resumed pass), set by the loader
         self.num_workers = max(cfg.num_workers, 1)
-        batches = math.ceil(cfg.samples_per_epoch / (world_size * self.num_workers * cfg.batch_size))
-        self.per_worker = batches * cfg.batch_size
+        batches = rank_batches(cfg.samples_per_epoch, cfg.batch_size, world_size, self.num_workers, accumulate_grad_batches)
+        self.per_worker = batches // self.num_workers * cfg.batch_size
 
     def __len__(self) -> int:
         return self.per_worker * self.num_workers
 
     def __iter__(self) -> Iterator[VideoSample]:
         # Not a generator: the seeds are fixed when the pass starts, from the epoch set by the loader.
-        worker = _worker()[0]
-        mix_rng, plan_rng, shuffle_rng, *shard_rngs = derived_rngs(self.cfg.seed, self.rank, worker, self.epoch, 3 + len(self.sources))
+        stream, done = self._resumed_stream(_worker()[0])
+        mix_rng, plan_rng, shuffle_rng, *shard_rngs = derived_rngs(self.cfg.seed, self.rank, stream, self.epoch, 3 + len(self.sources))
         streams = [self._planned(source, rng, plan_rng) for source, rng in zip(self.sources, shard_rngs)]
         weights = [source.weight for source in self.sources]
         mixed = (next(mix_rng.choices(streams, weights)[0]) for _ in count())
         buffer = self.cfg.shuffle_buffer
         shuffled = wds.shuffle(buffer, initial=buffer, rng=shuffle_rng)(mixed)
-        return islice(self._built(shuffled), self.per_worker)
+        # consumed samples are skipped as planned videos (shards read, plans drawn, frames not decoded)
+        return islice(self._built(islice(shuffled, done, None)), self.per_worker - done)
+
+    def _resumed_stream(self, worker: int) -> tuple[int, int]:
+        """Which worker stream this worker continues, and how many of its samples were consumed, ``start`` batches in.
+
+        The DataLoader takes batch i from worker i % W. A resumed pass starts asking at worker 0, while the next
+        batch (``start``) came from stream ``start % W``: worker j continues stream ``(start + j) % W``, which had
+        given every W-th of the first ``start`` batches.
+        """
+        workers = self.num_workers
+        stream = (worker + self.start) % workers
+        return stream, (self.start - stream + workers - 1) // workers * self.cfg.batch_size
 
     def _planned(self, source: Source, rng: random.Random, plan_rng: random.Random) -> Iterator[tuple[str, VideoRecord, SamplePlan]]:
         """One dataset's videos with their sample plans, from shards drawn with replacement."""
@@ -184,7 +207,12 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Every video of the evaluation shards once: shards split by rank, then by worker, no resampling."""
+    """Every video of the evaluation shards once, split by video over ranks, then workers (``eval_split``).
+
+    The shards are indexed here, in the rank's main process (tar headers and each video's ``meta.json``; an
+    unreadable shard raises naming it); a worker reads and decodes only its own videos. Samples carry per-object
+    RLE targets (``ObjectTargets``), decoded one expression at a time when scored.
+    """
 
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int) -> None:
         super().__init__()
@@ -192,31 +220,54 @@ class EvalStream(IterableDataset):
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
+        self.videos = rank_share(index_shards(urls), rank, world_size)
+        # no __len__: a rank with no video (fewer videos than ranks) must still run the validation loop, whose epoch
+        # end gathers the metric from every rank; Lightning skips the loop of a loader whose length is 0
 
     def __iter__(self) -> Iterator[VideoSample]:
         worker, num_workers = _worker()
-        for url in self.urls[self.rank :: self.world_size][worker::num_workers]:
-            try:
-                for raw in shard_samples(url, handler=wds.reraise_exception):
-                    record = VideoRecord.from_sample(raw)
-                    yield build_sample(record, plan_eval(record, self.cfg.num_context), self.cfg.image_size)
-            except (tarfile.TarError, OSError) as err:
-                raise RuntimeError(f"evaluation shard {url} cannot be read: {err}") from err
+        for raw in read_videos(worker_share(self.videos, worker, num_workers)):
+            record = VideoRecord.from_sample(raw)
+            yield build_sample(record, plan_eval(record, self.cfg.num_context), self.cfg.image_size, lazy_targets=True)
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that numbers each pass, so every epoch of the stream draws new, reproducible samples.
+    """A DataLoader that numbers each pass, so every epoch of the stream draws new, reproducible samples, and that
+    can resume a pass in its middle.
 
-    The number is set before the workers start (they copy the dataset), hence non-persistent workers.
+    Its ``state_dict`` (the pass number and how many batches it has handed out in it) is saved by Lightning in the
+    checkpoint's loop state and given back through ``load_state_dict`` before the resumed run's first ``iter``: that
+    pass is then continued where it stopped (``TrainStream._resumed_stream``), on every rank and worker, since every
+    rank hands out the same number of batches. Lightning takes no batch ahead from a loader with a length, so the
+    batches handed out are the batches trained on. The position is set before the workers start (they copy the
+    dataset), hence non-persistent workers.
     """
 
     def __init__(self, dataset: TrainStream, next_epoch: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, persistent_workers=False, **kwargs)
         self.next_epoch = next_epoch
+        self.position = (0, 0)  # (pass, batches handed out in it)
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[RefVOSBatch]:
-        self.dataset.epoch = self.next_epoch()
-        return super().__iter__()
+        epoch, start = self._resume if self._resume is not None else (self.next_epoch(), 0)
+        self._resume = None
+        if start >= len(self):  # a checkpoint at the pass's last batch: Lightning goes on with the next pass
+            epoch, start = epoch + 1, 0
+        self.dataset.epoch, self.dataset.start = epoch, start
+        self.position = (epoch, start)
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[RefVOSBatch]) -> Iterator[RefVOSBatch]:
+        for batch in batches:
+            self.position = (self.position[0], self.position[1] + 1)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
 
 def collate(samples: list[VideoSample]) -> RefVOSBatch:
@@ -232,12 +283,21 @@ def collate(samples: list[VideoSample]) -> RefVOSBatch:
         expression_ids=[e.exp_id for s in samples for e in s.plan.expressions],
         expression_video=torch.tensor([b for b, s in enumerate(samples) for _ in s.plan.expressions], dtype=torch.long),
         expression_objects=[e.obj_ids for s in samples for e in s.plan.expressions],
-        masks=[m for s in samples for m in s.masks],
+        targets=Targets.cat([s.targets for s in samples]),
         video_ids=[s.video for s in samples],
         datasets=[s.dataset for s in samples],
         video_objects=[s.object_ids for s in samples],
         frame_names=[s.query_frame_names for s in samples],
     )
+
+
+def rank_batches(samples_per_epoch: int, batch_size: int, world_size: int, num_workers: int, accumulate_grad_batches: int) -> int:
+    """Batches per rank in an epoch of ``samples_per_epoch`` videos over all ranks, rounded up to a whole number of
+    batches per worker and of accumulation cycles: Lightning steps the optimiser on an epoch's last batch even in an
+    unfinished cycle, which would make batches stop counting optimiser steps (validation runs every
+    ``val_every_n_steps * accumulate_grad_batches`` batches)."""
+    unit = math.lcm(max(num_workers, 1), accumulate_grad_batches)
+    return unit * math.ceil(samples_per_epoch / (world_size * batch_size * unit))
 
 
 def derived_rngs(seed: int, rank: int, worker: int, epoch: int, n: int) -> list[random.Random]:
@@ -284,7 +344,9 @@ class RefVOSDataModule(LightningDataModule):
             if not entry.weight > 0:
                 raise ValueError(f"data.train[{i}] ({entry.name}): weight must be > 0, got {entry.weight}")
             sources.append(Source(entry.name, resolve_shards(cfg.root, entry.shards), float(entry.weight)))
-        stream = TrainStream(sources, cfg, *_rank_and_world(), self._skipped)
+        # the trainer's accumulation, so that an epoch is whole optimiser steps (1 without a trainer)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        stream = TrainStream(sources, cfg, *_rank_and_world(), self._skipped, accumulate)
         return EpochLoader(stream, self._next_epoch, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:

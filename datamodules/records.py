@@ -170,16 +170,36 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any] | None:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def decode_rle(rle: dict[str, Any], where: str) -> np.ndarray:
-    """Binary uint8 mask from a COCO RLE (compressed str/bytes counts or an uncompressed list)."""
+def coco_rle(rle: dict[str, Any], where: str) -> dict[str, Any]:
+    """A COCO RLE (compressed str/bytes counts or an uncompressed list) in pycocotools' own form (bytes counts)."""
     try:
         size = [int(s) for s in rle["size"]]
         counts = rle["counts"]
         if isinstance(counts, list):
-            rle = coco_mask.frPyObjects({"size": size, "counts": counts}, *size)
-        else:
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        return coco_mask.decode(rle).astype(np.uint8)
+            return coco_mask.frPyObjects({"size": size, "counts": counts}, *size)
+        return {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise RecordError(f"{where}: malformed RLE ({err!r})") from err
+
+
+def decode_rle(rle: dict[str, Any], where: str) -> np.ndarray:
+    """Binary uint8 mask from a COCO RLE (compressed str/bytes counts or an uncompressed list)."""
+    compressed = coco_rle(rle, where)
+    try:
+        return coco_mask.decode(compressed).astype(np.uint8)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise RecordError(f"{where}: malformed RLE ({err!r})") from err
+
+
+def decode_union(rles: list[dict[str, Any]], where: str) -> np.ndarray:
+    """Binary uint8 mask ``(H, W)``: the union of same-size COCO RLEs, merged as RLE and decoded once.
+
+    The same bytes as the ``np.maximum`` of the decoded masks, for one decode instead of one per RLE.
+    """
+    compressed = [coco_rle(rle, where) for rle in rles]
+    try:
+        merged = compressed[0] if len(compressed) == 1 else coco_mask.merge(compressed, intersect=False)
+        return coco_mask.decode(merged)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RecordError(f"{where}: malformed RLE ({err!r})") from err
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.records import Expression, RecordError, VideoRecord
+from datamodules.targets import DenseTargets, ObjectTargets, Targets
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class VideoSample:
     plan: SamplePlan
     query_frame_names: list[str]
     frames: Tensor  # uint8 [C + Q, 3, S, S], context first
-    masks: list[Tensor]  # per expression, uint8 {0,1} [Q, H, W] at the video's resolution
+    targets: Targets  # per expression, uint8 {0,1} [Q, H, W] at the video's resolution: dense, or per-object RLE
 
 
 def segments(num_frames: int, num_segments: int) -> list[range]:
@@ -141,14 +142,33 @@ def squash(frame: np.ndarray, image_size: int) -> Tensor:
 
 
 def decode_frames(record: VideoRecord, indices: list[int], image_size: int) -> Tensor:
-    """Frames ``indices`` of a video as uint8 ``[N, 3, S, S]``; a frame needed twice is decoded once."""
-    decoded = {index: squash(record.decode_frame(index), image_size) for index in dict.fromkeys(indices)}
-    return torch.stack([decoded[i] for i in indices])
+    """Frames ``indices`` of a video as uint8 ``[N, 3, S, S]``; a frame needed twice is decoded once.
+
+    Each frame is squashed straight into its row of the output (no second copy of the stack while stacking).
+    """
+    out = torch.empty((len(indices), 3, image_size, image_size), dtype=torch.uint8)
+    first: dict[int, int] = {}
+    for row, index in enumerate(indices):
+        if index in first:
+            out[row] = out[first[index]]
+        else:
+            first[index] = row
+            out[row] = squash(record.decode_frame(index), image_size)
+    return out
 
 
-def build_sample(record: VideoRecord, plan: SamplePlan, image_size: int) -> VideoSample:
-    """Decode only the planned frames; targets are per-expression unions of object masks at full resolution."""
-    masks = [torch.from_numpy(np.stack([record.expression_mask(e, i) for i in plan.query])) for e in plan.expressions]
+def build_sample(record: VideoRecord, plan: SamplePlan, image_size: int, lazy_targets: bool = False) -> VideoSample:
+    """Decode only the planned frames; targets are per-expression unions of object masks at full resolution.
+
+    Training samples decode their targets here (``DenseTargets``). ``lazy_targets`` (evaluation: every frame, every
+    expression) keeps the planned frames' per-object RLE instead (``ObjectTargets``), decoded one expression at a
+    time when it is scored, so the sample's size does not grow with the number of expressions.
+    """
+    if lazy_targets:
+        targets: Targets = ObjectTargets.of(record, plan.query, [e.obj_ids for e in plan.expressions])
+    else:
+        targets = DenseTargets([torch.from_numpy(np.stack([record.expression_mask(e, i) for i in plan.query]))
+                                for e in plan.expressions])
     return VideoSample(
         dataset=record.dataset,
         video=record.video,
@@ -156,6 +176,6 @@ def build_sample(record: VideoRecord, plan: SamplePlan, image_size: int) -> Vide
         plan=plan,
         query_frame_names=[record.frame_names[i] for i in plan.query],
         frames=decode_frames(record, plan.context + plan.query, image_size),
-        masks=masks,
+        targets=targets,
     )
 

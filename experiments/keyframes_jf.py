@@ -43,14 +43,15 @@ def main() -> None:
         module.cfg.inference.keyframes = True
         results["keyframes"] = module.predict_video(batch)
         evidence = module.frame_evidence(batch)
-        oracle = keyframe_targets(evidence.memoryless.mask_logits, batch.masks, cfg.mask_threshold).argmax(1)
+        oracle = keyframe_targets(evidence.memoryless.mask_logits, batch.targets, cfg.mask_threshold).argmax(1)
         results["oracle keyframes"] = module.segmenter.track_from_keyframes(evidence.features, evidence.prompts, oracle.tolist()).mask_logits
         chosen["keyframes"] += module.frame_scorer(evidence.scorer_inputs).argmax(1).tolist()
         chosen["oracle keyframes"] += oracle.tolist()
-        for name, logits in results.items():
-            for lg, target, exp_id in zip(logits, batch.masks, batch.expression_ids, strict=True):
-                pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > cfg.mask_threshold
-                metrics[name].update(pred, target.bool(), key=f"{batch.video_ids[0]}/{exp_id}")
+        for e, exp_id in enumerate(batch.expression_ids):  # one target at a time, built from the batch's RLE
+            target = batch.targets.expression_target(e).bool()
+            for name, logits in results.items():
+                pred = upsample_logits(logits[e].float(), tuple(target.shape[-2:])) > cfg.mask_threshold
+                metrics[name].update(pred, target, key=f"{batch.video_ids[0]}/{exp_id}")
 
     print(f"\n{'inference':18s} {'J':>7s} {'F':>7s} {'J&F':>7s}  keyframe (mean index, share at frame 0)")
     for name, metric in metrics.items():

@@ -66,6 +66,7 @@ class SegmenterConfig:
     size: str = MISSING  # "test", "tiny", "small", "base_plus", "large"
     version: str = MISSING  # "sam2" or "sam2.1"
     checkpoint: str | None = MISSING  # official .pt file; None keeps random init
+    dtype: str = MISSING  # frozen weights' dtype; trainable parameters are always float32 (glus_lightning/precision.py)
     image_size: int = MISSING
     max_memories: int = MISSING
     train_image_encoder: bool = MISSING
@@ -141,7 +142,8 @@ class TrainerConfig:
     max_steps: int = MISSING
     accumulate_grad_batches: int = MISSING
     gradient_clip_val: float = MISSING
-    val_check_interval: Any = MISSING
+    val_every_n_steps: int = MISSING  # validate (and refit the keyframe scorer) every N optimiser steps
+    checkpoint_every_n_steps: int = MISSING  # write last.ckpt every N optimiser steps (also after each validation and at the end)
     log_every_n_steps: int = MISSING
     num_sanity_val_steps: int = MISSING
 

@@ -23,7 +23,8 @@ from glus_lightning.losses import iou_prediction_loss, mask_losses, presence_los
 from glus_lightning.metrics import JAndF
 from glus_lightning.segmentation import FrameFeatures, TrackOutput, build_segmenter
 from glus_lightning.segmentation.segmenter import cat_tracks
-from glus_lightning.strategies import gather_units, is_block, release_units
+from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
+from glus_lightning.strategies import gather_units, release_units, shard_fsdp2
 
 
 @dataclass
@@ -51,15 +52,17 @@ class FrameEvidence:
 class GLUSModule(L.LightningModule):
     """Segments, in every query frame, the object that each expression refers to.
 
-    Built from the full resolved config (saved in every checkpoint as a hyperparameter).
+    Built from the full resolved config (saved in every checkpoint as a hyperparameter). Trainable parameters are
+    fp32 and frozen weights keep ``backbone.dtype`` / ``segmenter.dtype`` (``precision.py``). ``load_device``: where
+    4-bit weights load (the strategy's root device, this rank's GPU; ``runner`` passes it).
     """
 
-    def __init__(self, config: DictConfig | dict) -> None:
+    def __init__(self, config: DictConfig | dict, load_device: torch.device | None = None) -> None:
         super().__init__()
         cfg = OmegaConf.create(config)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone)
+        self.backbone = build_backbone(cfg.backbone, load_device)
         self.segmenter = build_segmenter(cfg.segmenter)
         self.seg_projection = SegProjection(self.backbone.hidden_size, self.segmenter.prompt_dim)
         w = cfg.loss
@@ -72,6 +75,8 @@ class GLUSModule(L.LightningModule):
         self.frame_scorer = FrameScorer(self.segmenter.prompt_dim, cfg.refine.hidden).requires_grad_(False)
         if cfg.get("init_weights") is not None:  # published weights from `glus import` (configs saved before the key: none)
             load_init_weights(self, cfg.init_weights)
+        keep_trainable_fp32(self)
+        layer_norms_follow_weights_on_cpu(self)
         self.strict_loading = False  # checkpoints hold the trainable state only; on_load_checkpoint checks it
         self.val_metric = JAndF()
         self.test_metric = JAndF()
@@ -209,21 +214,29 @@ class GLUSModule(L.LightningModule):
         return self._evaluate_video(batch, self.test_metric)
 
     def predict_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Any]:
-        """Boolean masks ``[T, H, W]`` per expression at the video's original size (the size of ``batch.masks``)."""
+        """Boolean masks ``[T, H, W]`` per expression at the video's original size (the size of its target)."""
         logits = self.predict_video(batch)
-        masks = [upsample_logits(lg.float(), tuple(m.shape[-2:])) > self.cfg.mask_threshold for lg, m in zip(logits, batch.masks, strict=True)]
+        sizes = [batch.targets.size(e) for e in range(len(batch.targets))]
+        masks = [upsample_logits(lg.float(), size) > self.cfg.mask_threshold for lg, size in zip(logits, sizes, strict=True)]
         return {"video": batch.video_ids[0], "dataset": batch.datasets[0], "expression_ids": batch.expression_ids,
                 "frame_names": batch.frame_names[0], "masks": masks}
 
     def _evaluate_video(self, batch: RefVOSBatch, metric: JAndF) -> dict[str, Tensor]:
-        """Whole-video masks at the original resolution, scored per expression (validation and test share it)."""
+        """Whole-video masks at the original resolution, scored per expression (validation and test share it).
+
+        One expression at a time: its dense target is decoded from the batch's per-object RLE, scored, and freed
+        with its full-resolution prediction, so a video's memory does not grow with its expressions. Returns the
+        low-resolution mask logits ``[E, T, h, w]`` (for callbacks such as the overlay logger).
+        """
         logits = self.predict_video(batch)
-        preds = []
-        for lg, target, exp_id in zip(logits, batch.masks, batch.expression_ids, strict=True):
+        if len(batch.targets) != len(logits):
+            raise ValueError(f"{len(logits)} expressions predicted, the batch has {len(batch.targets)} targets")
+        for e, (lg, exp_id) in enumerate(zip(logits, batch.expression_ids, strict=True)):
+            target = batch.targets.expression_target(e).bool()
             pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > self.cfg.mask_threshold
-            metric.update(pred, target.bool(), key=f"{batch.datasets[0]}/{batch.video_ids[0]}/{exp_id}")
-            preds.append(pred)
-        return {"pred_masks": preds}
+            metric.update(pred, target, key=f"{batch.datasets[0]}/{batch.video_ids[0]}/{exp_id}")
+            del target, pred
+        return {"mask_logits": logits}
 
     # FSDP2: whole weights per rank while evaluating (ranks' videos differ in length), see strategies.gather_units
     def on_validation_epoch_start(self) -> None:
@@ -255,9 +268,9 @@ class GLUSModule(L.LightningModule):
 
     # ------------------------------------------------------------------------ scale, checkpoints
     def configure_model(self) -> None:
-        """FSDP2 (``trainer.strategy=fsdp``): shard the transformer blocks, then the root, over the (nodes, GPUs) mesh."""
+        """FSDP2 (``trainer.strategy=fsdp``): shard the units, then the root, over the (nodes, GPUs) mesh."""
         if self.device_mesh is not None:
-            ckpt_state.shard_fsdp2(self, self.device_mesh, is_block, forward_methods=("predict_video", "frame_evidence"))
+            shard_fsdp2(self, self.device_mesh, str(self.trainer.precision), forward_methods=("predict_video", "frame_evidence"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only what training changes (frozen weights come from the config)."""
@@ -278,12 +291,15 @@ class GLUSModule(L.LightningModule):
         if seg_params:
             groups.append({"params": seg_params, "lr": o.segmenter_lr if o.segmenter_lr is not None else o.lr})
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        total = max(int(self.trainer.max_steps), 1)
-        warmup = min(int(o.warmup_steps), total)
+        # trainer.max_steps=-1 (train by epochs): Lightning's estimate of the run's optimiser steps; none: no decay
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        warmup = int(min(o.warmup_steps, total))
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if total == float("inf"):
+                return 1.0
             return max(0.0, (total - step) / max(total - warmup, 1))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import RefVOSDataModule, collate, resolve_shards
 from datamodules.sampling import build_sample, plan_eval
+from datamodules.targets import Targets
 from glus_lightning.checkpoints import state as ckpt_state
 from glus_lightning.checkpoints.checkpoint_io import atomic_torch_save, load_checkpoint
 from glus_lightning.config import ConfigError, DataConfig
@@ -72,13 +73,20 @@ class RefineStats:
     first_frame_iou: float  # at frame 0 (where sequential tracking starts)
 
 
-def keyframe_targets(logits: Tensor, masks: list[Tensor], threshold: float) -> Tensor:
-    """``[E, T]`` IoU of thresholded memoryless logits ``[E, T, h, w]`` with each target ``[T, H, W]``; 0 where it is empty."""
+def keyframe_targets(logits: Tensor, targets: Targets, threshold: float) -> Tensor:
+    """``[E, T]`` IoU of thresholded memoryless logits ``[E, T, h, w]`` with each target ``[T, H, W]``; 0 where it is empty.
+
+    Targets are built one expression at a time (``targets.expression_target(e)``) and freed after use.
+    """
+    if len(targets) != len(logits):
+        raise ValueError(f"{len(logits)} expressions of logits, {len(targets)} targets")
     rows = []
-    for lg, target in zip(logits, masks, strict=True):
+    for e, lg in enumerate(logits):
+        target = targets.expression_target(e).bool()
         pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > threshold
-        present = target.bool().flatten(1).any(1)
-        rows.append(torch.where(present.cpu(), mask_iou(pred, target.bool()).float().cpu(), 0.0))
+        present = target.flatten(1).any(1)
+        rows.append(torch.where(present.cpu(), mask_iou(pred, target).float().cpu(), 0.0))
+        del target, pred
     return torch.stack(rows)
 
 
@@ -90,7 +98,7 @@ def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress
     for batch in tqdm(batches, desc="refine: measure", unit="video", disable=not progress):
         batch = batch.to(module.device)
         evidence = module.frame_evidence(batch)
-        iou = keyframe_targets(evidence.memoryless.mask_logits, batch.masks, module.cfg.mask_threshold)
+        iou = keyframe_targets(evidence.memoryless.mask_logits, batch.targets, module.cfg.mask_threshold)
         num_exp, num_frames = iou.shape
         inputs.append(evidence.scorer_inputs.flatten(0, 1).cpu())
         targets.append(iou.flatten())
@@ -103,13 +111,16 @@ def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress
 
 
 def training_videos(cfg: DataConfig, count: int, rank: int = 0, world_size: int = 1) -> Iterator[RefVOSBatch]:
-    """The first ``count`` videos of the training shards (sorted), whole, with every expression; this rank's share."""
+    """The first ``count`` videos of the training shards (sorted), whole, with every expression; this rank's share.
+
+    Targets stay per-object RLE (``ObjectTargets``), decoded one expression at a time by ``keyframe_targets``.
+    """
     urls = sorted({url for entry in cfg.train for url in resolve_shards(cfg.root, entry.shards)})
     for index, record in enumerate(shard_records(urls)):
         if index >= count:
             return
         if index % world_size == rank:
-            yield collate([build_sample(record, plan_eval(record, cfg.num_context), cfg.image_size)])
+            yield collate([build_sample(record, plan_eval(record, cfg.num_context), cfg.image_size, lazy_targets=True)])
 
 
 def _picked(scores: Tensor, targets: ScoreTargets) -> Tensor:

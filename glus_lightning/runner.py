@@ -13,10 +13,11 @@ from callbacks.keyframe_refinement import KeyframeSelfRefinement
 from callbacks.mask_overlay import MaskOverlayLogger
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.checkpoints.checkpoint_io import AtomicCheckpointIO
-from glus_lightning.checkpoints.resume import DataEpochFromLoop, StepSeed
+from glus_lightning.checkpoints.resume import DataEpochFromLoop, LastCheckpoint, StepSeed
 from glus_lightning.config import ConfigError, to_yaml
 from glus_lightning.evaluation import EvaluationResult, write_csv
 from glus_lightning.module import GLUSModule
+from glus_lightning.precision import check_run_config
 from glus_lightning.strategies import build_strategy
 
 CONFIG_FILE = "config.yaml"
@@ -37,21 +38,45 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int | None]:
     return str(last), int(last.parents[1].name.removeprefix("version_"))
 
 
+STEP_KEYS = ("val_every_n_steps", "checkpoint_every_n_steps")  # trainer keys of ours, not Lightning Trainer arguments
+
+
+def trainer_arguments(trainer: DictConfig) -> dict:
+    """Lightning Trainer arguments of ``cfg.trainer``: the cadences in optimiser steps become Lightning's micro-batch
+    count across epochs (``check_val_every_n_epoch=None``), which counts optimiser steps because every epoch is whole
+    accumulation cycles (``datamodules.datamodule.rank_batches``); it need not fit in one epoch, so any number of
+    ranks can start."""
+    kwargs = OmegaConf.to_container(trainer)
+    for key in STEP_KEYS:
+        value = kwargs.pop(key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"trainer.{key} must be a whole number of optimiser steps >= 1, got {value!r}")
+    if not (isinstance(trainer.accumulate_grad_batches, int) and trainer.accumulate_grad_batches >= 1):
+        raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {trainer.accumulate_grad_batches!r}")
+    return {**kwargs, "check_val_every_n_epoch": None, "val_check_interval": trainer.val_every_n_steps * trainer.accumulate_grad_batches}
+
+
 def build_trainer(
     cfg: DictConfig, version: int | None = None, extra_callbacks: list[L.Callback] | None = None
 ) -> tuple[L.Trainer, TensorBoardLogger]:
+    """The Trainer of a run: validation every ``trainer.val_every_n_steps`` optimiser steps (the best ``val/J&F``
+    checkpoint is kept), ``last.ckpt`` every ``trainer.checkpoint_every_n_steps``, after each validation and at the end."""
+    arguments = trainer_arguments(cfg.trainer)
     logger = TensorBoardLogger(cfg.run_dir, name=cfg.name, version=version)
     log_dir = Path(logger.log_dir)
+    val_every = cfg.trainer.val_every_n_steps
     callbacks = [
-        ModelCheckpoint(dirpath=log_dir / "checkpoints", save_last=True, every_n_train_steps=None, save_top_k=1,
-                        monitor="val/J&F", mode="max", filename="step{step}-jf{val/J&F:.4f}", auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=log_dir / "checkpoints", save_last=False, save_top_k=1, monitor="val/J&F", mode="max",
+                        filename="step{step}-jf{val/J&F:.4f}", auto_insert_metric_name=False),
+        LastCheckpoint(log_dir / "checkpoints", cfg.trainer.checkpoint_every_n_steps, lambda step: step % val_every == 0),
         LearningRateMonitor(logging_interval="step"),
         DataEpochFromLoop(),
         StepSeed(cfg.seed),
         MaskOverlayLogger(cfg.overlay_videos),
         *(extra_callbacks or []),
     ]
-    kwargs = {**OmegaConf.to_container(cfg.trainer), "strategy": build_strategy(cfg.trainer)}
+    check_run_config(cfg)
+    kwargs = {**arguments, "strategy": build_strategy(cfg.trainer)}
     trainer = L.Trainer(**kwargs, plugins=[AtomicCheckpointIO()], logger=logger, callbacks=callbacks, default_root_dir=cfg.run_dir)
     return trainer, logger
 
@@ -73,13 +98,13 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     log_dir = Path(logger.log_dir)
     save_config(cfg, trainer, log_dir)
     datamodule = RefVOSDataModule(cfg.data)
-    model = GLUSModule(cfg)
+    model = GLUSModule(cfg, load_device=trainer.strategy.root_device)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = trainer.validate(model, datamodule=datamodule)
     if trainer.is_global_zero:
-        ckpt = trainer.checkpoint_callback
+        last, best = (next(c for c in trainer.callbacks if isinstance(c, kind)) for kind in (LastCheckpoint, ModelCheckpoint))
         print(f"\nLogs: {log_dir}  (tensorboard --logdir {cfg.run_dir})")
-        print(f"Checkpoints: last {ckpt.last_model_path}  best {ckpt.best_model_path or '-'}")
+        print(f"Checkpoints: last {last.last_model_path or '-'}  best {best.best_model_path or '-'}")
     return results[0] if results else {}
 
 
@@ -101,7 +126,7 @@ def _evaluate(cfg: DictConfig, loop: str, csv: str | Path | None) -> dict[str, f
     ckpt_path, version = resolve_checkpoint(cfg)
     trainer, logger = build_trainer(cfg, version)
     save_config(cfg, trainer, Path(logger.log_dir))
-    model = GLUSModule(cfg)
+    model = GLUSModule(cfg, load_device=trainer.strategy.root_device)
     results = getattr(trainer, loop)(model, datamodule=RefVOSDataModule(cfg.data), ckpt_path=ckpt_path, weights_only=True)
     if csv is not None and trainer.is_global_zero:
         print(f"Per-expression scores: {write_csv(EvaluationResult.from_expressions(model.expression_scores), csv)}")

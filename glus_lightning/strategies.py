@@ -1,9 +1,13 @@
-"""Trainer strategies by name: ``trainer.strategy`` = ddp | fsdp (FSDP2) | fsdp1 | any Lightning strategy string.
+"""Trainer strategies by name: ``trainer.strategy`` = ddp | fsdp (FSDP2) | fsdp1 | any Lightning strategy string,
+and the FSDP rules of the model: which modules are units, in which dtypes they compute, when they are gathered.
 
-FSDP2 (``ModelParallelStrategy``) shards in ``GLUSModule.configure_model``; FSDP1 (``FSDPStrategy``) wraps the
-same blocks through its auto-wrap policy. Both shard "blocks": the transformer layers of the Hugging Face models
-(every ``GradientCheckpointingLayer``: LLM decoder layers, vision-tower layers) and SAM2's Hiera blocks and
-memory-attention layers, the units that hold nearly all the weights (and the frame scorer, see ``SHARDED_BLOCKS``).
+FSDP2 (``ModelParallelStrategy``) shards in ``GLUSModule.configure_model`` (``shard_fsdp2``); FSDP1
+(``FSDPStrategy``) wraps the same units through ``UnitPolicy``. Units (``fsdp_units``) are the "blocks" that hold
+nearly all the weights: the transformer layers of the Hugging Face models (every ``GradientCheckpointingLayer``:
+LLM decoder layers, vision-tower layers), SAM2's Hiera blocks and memory-attention layers (and the frame scorer,
+see ``SHARDED_BLOCKS``); and every largest subtree whose parameters all train (LoRA adapters, trained embeddings
+and LM head, projector, SAM2's mask decoder), so that under the precision policy (fp32 trainable, bf16 frozen,
+``precision.py``) each unit holds parameters of one dtype.
 """
 
 from __future__ import annotations
@@ -11,14 +15,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from typing import Any
+
+import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
 from sam2.modeling.backbones.hieradet import MultiScaleBlock
 from sam2.modeling.memory_attention import MemoryAttentionLayer
 from torch import nn
+from torch.distributed.fsdp import MixedPrecision
+from torch.distributed.fsdp.wrap import _Policy
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from glus_lightning.config import ConfigError
 from glus_lightning.heads.frame_scorer import FrameScorer
+from glus_lightning.precision import fsdp_mixed_precision
 
 # FrameScorer is tiny, but as its own unit it can be called (and fitted by keyframe self-refinement) on its own
 SHARDED_BLOCKS: tuple[type[nn.Module], ...] = (GradientCheckpointingLayer, MultiScaleBlock, MemoryAttentionLayer, FrameScorer)
@@ -29,8 +40,100 @@ def is_block(module: nn.Module) -> bool:
     return isinstance(module, SHARDED_BLOCKS)
 
 
-def _fsdp1_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    return True if recurse else is_block(module)
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)  # never called: no forward to gather in
+
+
+def fsdp_units(root: nn.Module) -> list[nn.Module]:
+    """The modules of ``root`` that become FSDP units, deepest first (the order ``fully_shard`` needs).
+
+    Every block, and inside a block that is not wholly trained the largest non-container subtrees whose parameters
+    all train (LoRA's ``lora_A['default']`` in a frozen decoder layer): under the precision policy those are fp32 in a
+    bf16 block, and each unit is called through its own forward, where FSDP gathers it. Everything else stays in
+    the root, whose forward (and registered forward methods) gathers it: trained heads, embeddings and SAM2's mask
+    decoder are used by other modules' code (SAM2's image path runs the decoder's ``conv_s0``; its tokens are read
+    as ``.weight``), so they cannot be units of their own.
+    """
+    blocks = [(name, module) for name, module in root.named_modules() if module is not root and is_block(module)]
+    chosen = dict.fromkeys(module for _, module in blocks)
+    for block_name, block in blocks:
+        if all(p.requires_grad for p in block.parameters()):
+            continue
+        taken: list[str] = []
+        for name, module in block.named_modules(prefix=block_name):
+            if module is block or isinstance(module, CONTAINERS) or any(name.startswith(f"{t}.") for t in taken):
+                continue
+            params = list(module.parameters())
+            if params and all(p.requires_grad for p in params):
+                taken.append(name)
+                chosen[module] = None
+    depth = {id(module): name.count(".") for name, module in root.named_modules()}
+    return sorted(chosen, key=lambda module: -depth[id(module)])
+
+
+def root_params(root: nn.Module, units: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters no unit holds: the root unit's own."""
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    return [p for p in root.parameters() if id(p) not in in_units]
+
+
+def unit_dtypes(root: nn.Module, units: list[nn.Module]) -> dict[str, set[torch.dtype]]:
+    """The floating-point dtypes of the parameters each unit manages itself (not those of units inside it), by name."""
+    names = {id(module): name or "<root>" for name, module in root.named_modules()}
+    owner: dict[int, str] = {}
+    for unit in [root, *reversed(units)]:  # parents first: deeper units overwrite what they own
+        for param in unit.parameters():
+            owner[id(param)] = names[id(unit)]
+    dtypes: dict[str, set[torch.dtype]] = {}
+    for param in root.parameters():
+        if param.is_floating_point():
+            dtypes.setdefault(owner[id(param)], set()).add(param.dtype)
+    return dtypes
+
+
+def check_uniform_units(root: nn.Module, units: list[nn.Module]) -> None:
+    """FSDP1 flattens each unit's parameters into one tensor, which needs one dtype: name the unit that has several."""
+    mixed = {name: sorted(str(d) for d in dtypes) for name, dtypes in unit_dtypes(root, units).items() if len(dtypes) > 1}
+    if mixed:
+        raise ConfigError(
+            f"trainer.strategy=fsdp1 needs one parameter dtype per FSDP unit, but {mixed}: a block mixes frozen "
+            "weights of several dtypes (backbone.dtype, segmenter.dtype, backbone.quantization)"
+        )
+
+
+class UnitPolicy(_Policy):
+    """FSDP1 auto-wrap policy wrapping exactly ``fsdp_units`` (the units FSDP2 gets).
+
+    FSDP1 flattens each unit into one tensor of one dtype. Blocks are uniform (frozen bf16, their LoRA adapters are
+    units of their own); the root mixes trained fp32 parameters with the few frozen weights outside blocks (patch
+    embeddings, norms, SAM2's neck and memory encoder: a few MB), which are therefore upcast to fp32 here.
+    """
+
+    def _run_policy(self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]) -> dict:
+        units = fsdp_units(root_module)
+        for param in root_params(root_module, units):
+            if param.is_floating_point():
+                param.data = param.data.float()
+        check_uniform_units(root_module, units)
+        return {unit: dict(root_kwargs) for unit in units if unit not in ignored_modules}
+
+
+def shard_fsdp2(module: nn.Module, mesh: Any, precision: str, forward_methods: tuple[str, ...]) -> None:
+    """FSDP2: each unit of ``fsdp_units``, then the root; ``forward_methods`` gather the root's weights like forward.
+
+    Under a mixed ``trainer.precision`` units all-gather parameters in bf16 and reduce gradients in fp32
+    (``precision.fsdp_mixed_precision``); the fp32 shards stay the optimiser's master weights.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if isinstance(module, FSDPModule):  # configure_model runs again for validate after fit
+        return
+    dtypes = fsdp_mixed_precision(precision)
+    policy = MixedPrecisionPolicy(*dtypes) if dtypes else MixedPrecisionPolicy()
+    for unit in fsdp_units(module):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    for name in forward_methods:
+        register_fsdp_forward_method(module, name)
 
 
 def build_strategy(trainer: DictConfig) -> Strategy | str:
@@ -48,7 +151,9 @@ def build_strategy(trainer: DictConfig) -> Strategy | str:
     if name == "fsdp1":
         if trainer.accelerator == "cpu":
             raise ValueError("trainer.strategy=fsdp1 (Lightning FSDPStrategy) runs on GPUs only; use trainer.strategy=fsdp on the CPU")
-        return FSDPStrategy(auto_wrap_policy=_fsdp1_policy, state_dict_type="full", use_orig_params=True)
+        dtypes = fsdp_mixed_precision(str(trainer.precision))
+        mixed = MixedPrecision(param_dtype=dtypes[0], reduce_dtype=dtypes[1]) if dtypes else None  # buffers as stored
+        return FSDPStrategy(auto_wrap_policy=UnitPolicy(), mixed_precision=mixed, state_dict_type="full", use_orig_params=True)
     return name
 
 

@@ -164,14 +164,14 @@ def test_sample_decodes_the_planned_frames_and_unions_masks_at_full_resolution()
     assert sample.frames.dtype == torch.uint8 and sample.frames.shape == (5, 3, S, S)
     levels = sample.frames.float().mean(dim=(1, 2, 3)) / LEVEL
     assert torch.allclose(levels, torch.tensor(plan.context + plan.query, dtype=torch.float), atol=0.2)
-    for exp, mask in zip(plan.expressions, sample.masks):
+    for exp, mask in zip(plan.expressions, sample.targets.dense(), strict=True):
         assert mask.dtype == torch.uint8 and mask.shape == (3, H, W)
         for k, t in enumerate(plan.query):
             expected = np.zeros((H, W), dtype=bool)
             for obj in exp.obj_ids:
                 expected |= box(t, *{1: (4, 12), 2: (10, 14), 3: (26, 4)}[obj]).astype(bool)
             assert np.array_equal(mask[k].numpy(), expected.astype(np.uint8))
-    both = sample.masks[[e.exp_id for e in plan.expressions].index("1")]
+    both = sample.targets.dense()[[e.exp_id for e in plan.expressions].index("1")]
     assert both.max() == 1  # overlapping objects do not sum to 2
 
 
@@ -364,7 +364,8 @@ def test_eval_reads_every_video_once_over_ranks_and_workers(tmp_path, monkeypatc
         for b in RefVOSDataModule(cfg).val_dataloader():
             assert b.frames.shape == (1, 2 + 10, 3, S, S) and b.num_query == 10
             assert b.frame_indices[0].tolist() == eval_context_indices(10, 2) + list(range(10))
-            assert b.expression_ids == ["0", "1", "2", "3"] and all(m.shape == (10, H, W) for m in b.masks)
+            assert b.expression_ids == ["0", "1", "2", "3"] and len(b.targets) == 4
+            assert all(b.targets.expression_target(e).shape == (10, H, W) for e in range(4))
             per_rank += b.video_ids
         assert per_rank  # 9 shards over 2 ranks x 2 workers: every rank has work
         seen += per_rank

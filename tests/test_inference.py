@@ -141,7 +141,8 @@ def test_predict_step_gives_masks_at_the_targets_size(data_root: Path, module) -
     batch = next(iter(RefVOSDataModule(compose(tiny_config(data_root, "data.num_workers=0")).data).val_dataloader()))
     out = module.predict_step(batch, 0)
     assert out["expression_ids"] == batch.expression_ids and out["frame_names"] == batch.frame_names[0]
-    assert [tuple(m.shape) for m in out["masks"]] == [tuple(t.shape) for t in batch.masks]
+    targets = [batch.targets.expression_target(e) for e in range(len(batch.targets))]
+    assert [tuple(m.shape) for m in out["masks"]] == [tuple(t.shape) for t in targets]
     assert all(m.dtype == torch.bool for m in out["masks"]) and cfg.inference.window == WINDOW
     # eval mode: SAM2's mask decoder falls back to the best of its multimask outputs when the single mask is unstable
     decoder = module.segmenter.sam.sam_mask_decoder

@@ -38,17 +38,18 @@ def model(data_root: Path) -> GLUSModule:
 def test_targets_are_the_measured_iou_of_memoryless_masks(model: GLUSModule, data_root: Path) -> None:
     batch = val_video(model.cfg)
     evidence = model.frame_evidence(batch)
-    targets = keyframe_targets(evidence.memoryless.mask_logits, batch.masks, model.cfg.mask_threshold)
+    targets = keyframe_targets(evidence.memoryless.mask_logits, batch.targets, model.cfg.mask_threshold)
     num_exp, num_frames = len(batch.expressions), batch.num_query
     assert targets.shape == (num_exp, num_frames)
     for e in range(num_exp):
+        target = batch.targets.expression_target(e)
         for t in range(num_frames):  # independent: segment frame t alone as the first frame of a fresh track
             alone = model.segmenter.track(model.segmenter.select(evidence.features, torch.tensor([[t]])),
                                           evidence.prompts[e : e + 1, t : t + 1], frame_ids=[t])
-            logits = torch.nn.functional.interpolate(alone.mask_logits[:, :1], size=tuple(batch.masks[e].shape[-2:]),
+            logits = torch.nn.functional.interpolate(alone.mask_logits[:, :1], size=tuple(target.shape[-2:]),
                                                      mode="bilinear", align_corners=False)[0, 0]
             pred = (logits > model.cfg.mask_threshold).numpy()
-            gt = batch.masks[e][t].numpy().astype(bool)
+            gt = target[t].numpy().astype(bool)
             expected = (pred & gt).sum() / (pred | gt).sum() if gt.any() else 0.0
             assert targets[e, t].item() == pytest.approx(float(expected), abs=1e-6)
 

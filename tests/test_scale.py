@@ -32,7 +32,7 @@ KEYFRAMES = ("inference.keyframes=true", "refine.videos=3", "refine.steps=5")
 
 def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
     return [f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3", "data.batch_size=1",
-            "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2", "trainer.val_check_interval=1.0",
+            "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
             "trainer.accumulate_grad_batches=1", f"run_dir={run_dir}", *FROZEN]
 
 
@@ -144,3 +144,38 @@ def test_qlora_tiny_model_trains_adapters_over_frozen_4bit_weights(data_root: Pa
     assert losses[-1] < losses[0]
     assert torch.equal(quantized[0].weight, base_before)
     assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
+BF16_MIXED = ("backbone.dtype=bfloat16", "segmenter.dtype=bfloat16", "trainer.precision=bf16-mixed")
+
+
+def bf16_run(data_root: Path, out: Path, strategy: str, *extra: str) -> tuple[list[list[dict]], list[dict]]:
+    """Two ranks train 2 steps of the tiny model with bf16 frozen weights under bf16-mixed."""
+    run_worker(out, [*tiny_overrides(data_root, out / "runs"), f"trainer={strategy}", "trainer.accelerator=cpu",
+                     "trainer.devices=2", *BF16_MIXED, *extra])
+    return read_run(out, 2)
+
+
+def test_bf16_mixed_ddp_and_fsdp2_train_fp32_masters_over_bf16_weights(data_root: Path, tmp_path: Path) -> None:
+    ddp_losses, ddp_params = bf16_run(data_root, tmp_path / "ddp", "ddp")
+    fsdp_losses, fsdp_params = bf16_run(data_root, tmp_path / "fsdp", "fsdp")
+    for params in (*ddp_params, *fsdp_params):  # trainable parameters and Adam moments fp32, frozen weights bf16
+        assert params["trainable_dtypes"] == ["torch.float32"] and params["adam_dtypes"] == ["torch.float32"]
+        assert "torch.bfloat16" in params["frozen_dtypes"]
+    assert fsdp_params[0]["sharded"] > 0 and fsdp_params[0]["sum"] == pytest.approx(fsdp_params[1]["sum"], rel=1e-9)
+    assert ddp_params[0]["sum"] == pytest.approx(ddp_params[1]["sum"], rel=1e-9)
+    # FSDP2 gathers weights in bf16 and reduces gradients in fp32; DDP autocasts fp32 weights: the same run up to bf16
+    for rank in range(2):
+        assert [r["loss"] for r in fsdp_losses[rank]] == pytest.approx([r["loss"] for r in ddp_losses[rank]], rel=2e-2)
+    assert fsdp_params[0]["sum"] == pytest.approx(ddp_params[0]["sum"], rel=1e-3)
+    for run in ("ddp", "fsdp"):
+        assert load_checkpoint(next((tmp_path / run / "runs").rglob("last.ckpt")))["global_step"] == 2
+
+
+def test_qlora_trains_under_two_process_ddp(data_root: Path, tmp_path: Path) -> None:
+    losses, params = bf16_run(data_root, tmp_path, "ddp", "backbone.quantization.load_in_4bit=true",
+                              "backbone.quantization.compute_dtype=bfloat16")
+    assert [[r["step"] for r in rank] for rank in losses] == [[0, 1], [0, 1]]
+    assert params[0]["sum"] == pytest.approx(params[1]["sum"], rel=1e-9)  # one model: gradients averaged over ranks
+    assert all("torch.uint8" in p["frozen_dtypes"] and p["adam_dtypes"] == ["torch.float32"] for p in params)  # NF4 base
+    assert load_checkpoint(next((tmp_path / "runs").rglob("last.ckpt")))["global_step"] == 2

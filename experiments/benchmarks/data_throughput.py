@@ -59,6 +59,7 @@ from datamodules.prepare import prepare_official
 from datamodules.records import Expression, VideoRecord, encode_rle
 from datamodules.sampling import SamplePlan, VideoSample, choose_expressions, squash, train_context_indices, train_query_indices
 from datamodules.synthetic import write_mevis_layout
+from datamodules.targets import DenseTargets
 from glus_lightning.config import compose
 
 SPLIT = "train"
@@ -147,7 +148,7 @@ class ReferenceStyleDataset(Dataset):
             plan=SamplePlan(context, query, [e for e, _ in chosen]),
             query_frame_names=[names[i] for i in query],
             frames=torch.stack([frame for frame, _ in decoded]),
-            masks=masks,
+            targets=DenseTargets(masks),
         )
 
     def _frame(self, video: str, name: str) -> tuple[torch.Tensor, tuple[int, int]]:

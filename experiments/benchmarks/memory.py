@@ -65,7 +65,7 @@ def parallel_rows(data_root: Path) -> list[dict]:
     for strategy in ("ddp", "fsdp"):
         with tempfile.TemporaryDirectory() as run_dir:
             cmd = [sys.executable, "-m", "glus_lightning.cli", "fit", f"trainer={strategy}", "trainer.accelerator=cpu",
-                   "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3", "trainer.val_check_interval=1.0",
+                   "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3", "trainer.val_every_n_steps=3",
                    "trainer.accumulate_grad_batches=1", f"data.root={data_root}", "data.num_workers=0", "data.batch_size=1",
                    "data.samples_per_epoch=6", f"run_dir={run_dir}", "backbone.train_vision_tower=false",
                    "segmenter.train_image_encoder=false", "segmenter.train_memory=false"]

@@ -36,6 +36,7 @@ def run_one(backbone: str, segmenter: str, device: str, steps: int, overrides: l
     import torch
 
     from datamodules.batch import RefVOSBatch
+    from datamodules.targets import DenseTargets
     from glus_lightning.config import compose
     from glus_lightning.module import GLUSModule
 
@@ -57,7 +58,7 @@ def run_one(backbone: str, segmenter: str, device: str, steps: int, overrides: l
         expression_ids=[str(i) for i in range(e)],
         expression_video=torch.arange(e) % b,
         expression_objects=[(1,)] * e,
-        masks=[(torch.rand(q, 480, 640, generator=gen) > 0.7).to(torch.uint8) for _ in range(e)],
+        targets=DenseTargets([(torch.rand(q, 480, 640, generator=gen) > 0.7).to(torch.uint8) for _ in range(e)]),
         video_ids=[f"v{i}" for i in range(b)],
         datasets=["bench"] * b,
         video_objects=[(1,)] * b,

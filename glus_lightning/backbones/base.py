@@ -19,19 +19,19 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoTokenizer, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from glus_lightning.config import BackboneConfig, ConfigError
+from glus_lightning.precision import torch_dtype
 
 from .adapters import language_model_lora, merged_state_dict
 from .tiny_tokenizer import TinyTokens, build_tiny_tokenizer
 
 SEG_TOKEN = "[SEG]"
 IGNORE_INDEX = -100
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRADIENT_CHECKPOINTING = {"use_reentrant": False}  # frozen embeddings: reentrant checkpoints would drop LoRA grads
 
 
@@ -96,10 +96,18 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def torch_dtype(name: str, key: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"{key}={name!r} is not a dtype; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
+def quantized_device_map(load_device: torch.device | None) -> dict[str, int] | None:
+    """Where 4-bit weights load: they are quantised while loading, onto the device they will run on.
+
+    ``load_device`` is the strategy's root device (``runner`` passes it): under DDP each rank's own GPU, known from
+    the cluster environment (LOCAL_RANK, SLURM_LOCALID) before Lightning sets the CUDA device, when
+    ``torch.cuda.current_device()`` is still GPU 0 on every rank. Without one: the current GPU, else the CPU.
+    """
+    if load_device is None:
+        return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    if load_device.type != "cuda":
+        return None
+    return {"": load_device.index if load_device.index is not None else torch.cuda.current_device()}
 
 
 def tiny_section(tiny: dict[str, Any], key: str) -> Any:
@@ -124,7 +132,8 @@ class MLLMBackbone(nn.Module, ABC):
 
     hidden_size: int
 
-    def __init__(self, cfg: BackboneConfig | DictConfig) -> None:
+    def __init__(self, cfg: BackboneConfig | DictConfig, load_device: torch.device | None = None) -> None:
+        """``load_device``: where 4-bit weights are loaded and quantised (this rank's device, see ``quantized_device_map``)."""
         super().__init__()
         self.image_size: int = cfg.image_size
         self.image_token_pool: int = cfg.image_token_pool
@@ -134,10 +143,10 @@ class MLLMBackbone(nn.Module, ABC):
         if cfg.path is None:
             with tempfile.TemporaryDirectory(prefix=f"glus_tiny_{self.family}_") as tmp:
                 self.write_tiny_checkpoint(cfg, tmp)
-                self._load(Path(tmp), cfg)
+                self._load(Path(tmp), cfg, load_device)
         else:
             self._check_checkpoint(Path(cfg.path))
-            self._load(Path(cfg.path), cfg)
+            self._load(Path(cfg.path), cfg, load_device)
         self._check_image_config()
 
     # ---- family hooks -------------------------------------------------------------------------
@@ -217,11 +226,11 @@ class MLLMBackbone(nn.Module, ABC):
             )
         self._check_checkpoint_config(config, path)
 
-    def _load(self, path: Path, cfg: BackboneConfig | DictConfig) -> None:
+    def _load(self, path: Path, cfg: BackboneConfig | DictConfig, load_device: torch.device | None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = self.image_processor_class.from_pretrained(path)
         quantization = self._quantization_config(cfg) if self.quantized else None
-        device_map = {"": torch.cuda.current_device()} if self.quantized and torch.cuda.is_available() else None
+        device_map = quantized_device_map(load_device) if self.quantized else None
         hf = self.model_class.from_pretrained(
             path, dtype=torch_dtype(cfg.dtype, "backbone.dtype"), quantization_config=quantization, device_map=device_map
         )
@@ -232,12 +241,11 @@ class MLLMBackbone(nn.Module, ABC):
         self.seg_token_id: int = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.hidden_size = hf.config.get_text_config().hidden_size
 
-        if self.quantized:  # freezes everything, upcasts the unquantised rest to fp32
-            prepare_model_for_kbit_training(hf, cfg.gradient_checkpointing, GRADIENT_CHECKPOINTING)
-        else:
-            hf.requires_grad_(False)
-            if cfg.gradient_checkpointing:
-                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
+        # frozen weights stay in backbone.dtype (or NF4); GLUSModule casts what trains to fp32 (precision.py), unlike
+        # peft's prepare_model_for_kbit_training, which would also upcast the frozen vision tower and LM head
+        hf.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
         self.model: PreTrainedModel | PeftModel = (
             get_peft_model(hf, language_model_lora(cfg.lora, self.language_model_module)) if cfg.lora.enabled else hf
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from glus_lightning.config import BackboneConfig, ConfigError
@@ -14,8 +15,11 @@ from .qwen2_5_vl import Qwen2_5_VLBackbone
 BACKBONES: dict[str, type[MLLMBackbone]] = {cls.family: cls for cls in (LlavaBackbone, Qwen2_5_VLBackbone, InternVLBackbone)}
 
 
-def build_backbone(cfg: BackboneConfig | DictConfig) -> MLLMBackbone:
-    """The backbone of ``cfg.family``: loaded from ``cfg.path``, or tiny random-init when it is None."""
+def build_backbone(cfg: BackboneConfig | DictConfig, load_device: torch.device | None = None) -> MLLMBackbone:
+    """The backbone of ``cfg.family``: loaded from ``cfg.path``, or tiny random-init when it is None.
+
+    ``load_device``: where 4-bit (QLoRA) weights load, this rank's device (``base.quantized_device_map``).
+    """
     if cfg.family not in BACKBONES:
         raise ConfigError(f"backbone.family={cfg.family!r} is not a family; valid: {', '.join(BACKBONES)}")
-    return BACKBONES[cfg.family](cfg)
+    return BACKBONES[cfg.family](cfg, load_device)

@@ -1,19 +1,68 @@
-"""What makes a resumed run continue exactly as an uninterrupted one: data position and randomness.
+"""What makes a resumed run continue exactly as an uninterrupted one: when checkpoints are written, data position
+and randomness.
 
-Both are made functions of the loop position that Lightning saves and restores (epoch, batch index), not of
-state that happens to be in memory when a checkpoint is written: Lightning restores a checkpoint written at
-the end-of-epoch validation as an unfinished epoch that it starts again (and ends at once), which creates a
-data iterator more than the uninterrupted run did; counters and global generators would drift by that.
+Data position and randomness are functions of the loop position that Lightning saves and restores (epoch, batch
+index) and of the training loader's own position (``EpochLoader.state_dict``: pass, batches handed out), not of
+state that happens to be in memory when a checkpoint is written: Lightning restores a checkpoint written at the
+end-of-epoch validation as an unfinished epoch that it starts again (and ends at once), which creates a data
+iterator more than the uninterrupted run did; counters and global generators would drift by that.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+LAST = "last.ckpt"
+
+
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt`` (the file ``ckpt_path=last`` resumes): every ``every_n_steps`` optimiser steps, after every
+    validation and at the end of training, each write replacing the previous one atomically (AtomicCheckpointIO).
+
+    A step that validates is written after its validation, not at its batch end: Lightning restores a batch-end
+    checkpoint as "validation not run yet" and skips that validation (its keyframe refit and best checkpoint with
+    it), while one written after the validation resumes with the next batch. Only the micro-batch that stepped the
+    optimiser is saved: the gradients of an unfinished accumulation cycle are not in a checkpoint. As a ``Checkpoint``
+    it runs after the other callbacks (Lightning orders them so), e.g. after the final keyframe refit.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, validates: Callable[[int], bool]) -> None:
+        self.path = Path(dirpath) / LAST
+        self.every_n_steps = every_n_steps
+        self.validates = validates
+        self.last_model_path = ""
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = trainer.global_step  # 0, or the step of the checkpoint this run resumed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and not (trainer.enable_validation and self.validates(step)):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self._saved_step:  # once per step: later micro-batches of the step are past it
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+        self.last_model_path = str(self.path)
 
 
 class DataEpochFromLoop(L.Callback):

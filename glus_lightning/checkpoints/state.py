@@ -52,18 +52,3 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], family:
             "checkpoint does not fit this model (other sizes, e.g. loss.contrastive_bank_size?): "
             + ", ".join(f"{k} {tuple(saved_state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:5])
         )
-
-
-def shard_fsdp2(module: nn.Module, mesh: Any, is_block: Any, forward_methods: tuple[str, ...]) -> None:
-    """FSDP2: each block its own unit, then the root; ``forward_methods`` gather the root's weights like forward."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-    if isinstance(module, FSDPModule):  # configure_model runs again for validate after fit
-        return
-    for sub in module.modules():
-        if is_block(sub):
-            fully_shard(sub, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    for name in forward_methods:
-        register_fsdp_forward_method(module, name)
-

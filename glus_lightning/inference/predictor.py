@@ -11,6 +11,7 @@ from datamodules.batch import RefVOSBatch
 from datamodules.converters import normalize_expression
 from datamodules.records import Expression
 from datamodules.sampling import eval_context_indices, squash
+from datamodules.targets import DenseTargets
 from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
 from glus_lightning.inference.sources import Video
 from glus_lightning.losses import upsample_logits
@@ -47,7 +48,7 @@ def video_batch(video: Video, expressions: list[Expression], num_context: int, i
         expression_ids=[e.exp_id for e in expressions],
         expression_video=torch.zeros(len(expressions), dtype=torch.long),
         expression_objects=[e.obj_ids for e in expressions],
-        masks=[],
+        targets=DenseTargets([]),  # none: a video to segment, not to score
         video_ids=[video.name],
         datasets=[video.dataset],
         video_objects=[()],

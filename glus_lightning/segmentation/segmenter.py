@@ -8,8 +8,11 @@ predicted mask -> push to the bank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from torch import Tensor, nn
 
 from glus_lightning.config import SegmenterConfig
+from glus_lightning.precision import cast_frozen, torch_dtype
 from glus_lightning.segmentation.memory import MemoryBank
 from glus_lightning.segmentation.sam2_build import apply_freezing, build_sam2, load_official_checkpoint
 
@@ -69,6 +73,17 @@ def cat_tracks(parts: Sequence[TrackOutput]) -> TrackOutput:
     return TrackOutput(*(torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(TrackOutput)))
 
 
+def _in_weight_dtype(method: Callable) -> Callable:
+    """Run a ``MemorySegmenter`` entry point under ``weight_dtype_compute``."""
+
+    @functools.wraps(method)
+    def wrapper(self: MemorySegmenter, *args: Any, **kwargs: Any) -> Any:
+        with self.weight_dtype_compute():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class MemorySegmenter(nn.Module):
     """Wraps a ``SAM2Base`` (``self.sam``, official state-dict layout) for prompt-embedding video segmentation.
 
@@ -92,6 +107,18 @@ class MemorySegmenter(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------ frames
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the image encoder's first layer holds (bf16 when frozen in bf16 or under ``bf16-true``)."""
+        return self.sam.image_encoder.trunk.patch_embed.proj.weight.dtype
+
+    def weight_dtype_compute(self) -> AbstractContextManager:
+        """Autocast to the weights' half dtype (``bf16-true``): SAM2's own code makes some inputs in fp32 (grids, position
+        encodings), which bf16 weights cannot multiply; fp32 weights keep whatever autocast is in force."""
+        dtype = self.input_dtype
+        return nullcontext() if dtype == torch.float32 else torch.autocast(self.pixel_mean.device.type, dtype=dtype)
+
+    @_in_weight_dtype
     def encode_frames(self, frames: Tensor) -> FrameFeatures:
         """Image features of uint8 frames ``[*, 3, S, S]``; the image encoder sees each frame once."""
         size = self.image_size
@@ -99,7 +126,7 @@ class MemorySegmenter(nn.Module):
             raise ValueError(f"encode_frames expects uint8 frames [*, 3, {size}, {size}], got {frames.dtype} {tuple(frames.shape)}")
         lead = frames.shape[:-3]
         pixels = (frames.flatten(0, -4).float() / 255.0 - self.pixel_mean) / self.pixel_std
-        out = self.sam.forward_image(pixels)
+        out = self.sam.forward_image(pixels.to(self.input_dtype))
         levels = out["backbone_fpn"][-self.sam.num_feature_levels :]
         return FrameFeatures(tuple(level.unflatten(0, lead) for level in levels), out["vision_pos_enc"][-1][:1])
 
@@ -119,6 +146,7 @@ class MemorySegmenter(nn.Module):
         pointers = sam.max_obj_ptrs_in_encoder - 1 if sam.use_obj_ptrs_in_encoder else 1  # farthest object pointer
         return MemoryBank(batch_size, max(spatial, pointers))
 
+    @_in_weight_dtype
     def step(self, features: FrameFeatures, prompts: Tensor, memory: MemoryBank, frame_idx: int) -> SegmentOutput:
         """Segment one frame of N tracks (``features`` shape ``[N]``, ``prompts [N, prompt_dim]``), then memorise it.
 
@@ -151,6 +179,7 @@ class MemorySegmenter(nn.Module):
         memory.push(frame_idx, maskmem_features, maskmem_pos_enc[-1], obj_ptr)
         return SegmentOutput(masks if self.training else gated, iou_pred[:, 0], obj_scores[:, 0])
 
+    @_in_weight_dtype
     def segment_without_memory(self, features: FrameFeatures, prompts: Tensor) -> SegmentOutput:
         """Segment N independent frames as the first frame of a track (``no_mem_embed``), memorising nothing.
 
@@ -303,4 +332,5 @@ def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
     if cfg.checkpoint is not None:
         load_official_checkpoint(sam, cfg.checkpoint, f"SAM2 {cfg.version} size {cfg.size} (max_memories {cfg.max_memories})")
     apply_freezing(sam, cfg)
+    cast_frozen(sam, torch_dtype(cfg.dtype, "segmenter.dtype"))  # what trains stays fp32 (precision.py)
     return MemorySegmenter(sam)
