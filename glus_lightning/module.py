@@ -21,9 +21,9 @@ from glus_lightning.heads.object_contrastive import ObjectContrastiveHead, expre
 from glus_lightning.heads.seg_projection import SegProjection
 from glus_lightning.losses import iou_prediction_loss, mask_losses, presence_loss, upsample_logits
 from glus_lightning.metrics import JAndF
+from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
 from glus_lightning.segmentation import FrameFeatures, TrackOutput, build_segmenter
 from glus_lightning.segmentation.segmenter import cat_tracks
-from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
 from glus_lightning.strategies import gather_units, release_units, shard_fsdp2
 
 

@@ -22,7 +22,7 @@ from glus_lightning.strategies import UnitPolicy, check_uniform_units, fsdp_unit
 BF16 = ("backbone.dtype=bfloat16", "segmenter.dtype=bfloat16")
 
 
-def autocast_steps(model: GLUSModule, batch, steps: int, lr: float) -> list[float]:  # noqa: ANN001
+def autocast_steps(model: GLUSModule, batch, steps: int, lr: float) -> list[float]:
     """AdamW steps with each forward under bf16 autocast, as Lightning's bf16-mixed runs them (one autocast region per
     step: autocast caches its bf16 copies of the weights until the region ends)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -146,7 +146,7 @@ class _LightningLike(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch):  # noqa: ANN001, ANN201
+    def forward(self, batch):
         return self.model.training_step(batch, 0)
 
 
