@@ -3,7 +3,7 @@ runs, FSDP units of one dtype (FSDP1 wraps them on the CPU too), and clear error
 
 from __future__ import annotations
 
-import os
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +20,12 @@ from glus_lightning.runner import build_trainer
 from glus_lightning.strategies import UnitPolicy, check_uniform_units, fsdp_units, unit_dtypes
 
 BF16 = ("backbone.dtype=bfloat16", "segmenter.dtype=bfloat16")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def autocast_steps(model: GLUSModule, batch, steps: int, lr: float) -> list[float]:
@@ -150,7 +156,7 @@ class _LightningLike(torch.nn.Module):
         return self.model.training_step(batch, 0)
 
 
-def test_fsdp1_trains_the_units_on_cpu(data_root: Path) -> None:
+def test_fsdp1_trains_the_units_on_cpu(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP1 (Lightning's FSDPStrategy needs GPUs, torch's FSDP does not): our units flatten, bf16 compute, fp32 grads."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
@@ -161,7 +167,9 @@ def test_fsdp1_trains_the_units_on_cpu(data_root: Path) -> None:
     reference = GLUSModule(cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference.training_step(batch, 0).item()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    # a one-process group whose address does not leak to later tests (their subprocesses start their own)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
