@@ -78,8 +78,9 @@ def test_bad_config_values_are_named():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """Official SAM2.1 tiny architecture (at 256 px to keep CPU time low), saved in the official format."""
-    seg = make(["image_size=256"], choice="sam2.1_tiny", seed=0).eval()
+    """Official SAM2.1 tiny architecture (at 256 px to keep CPU time low, in fp32 to compare outside autocast),
+    saved in the official format."""
+    seg = make(["image_size=256", "dtype=float32"], choice="sam2.1_tiny", seed=0).eval()
     path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny.pt"
     torch.save({"model": seg.sam.state_dict()}, path)
     return seg, path
@@ -89,7 +90,7 @@ def test_official_tiny_builds_and_its_checkpoint_loads_back_strictly(tiny_checkp
     seg, path = tiny_checkpoint
     # SAM 2.1 Hiera-T has 38.9 M parameters (official model card)
     assert abs(sum(p.numel() for p in seg.parameters()) - 38.9e6) < 0.1e6
-    loaded = make(["image_size=256", f"checkpoint={path}"], choice="sam2.1_tiny", seed=1).eval()
+    loaded = make(["image_size=256", "dtype=float32", f"checkpoint={path}"], choice="sam2.1_tiny", seed=1).eval()
     frames, prompts = frames_like(seg, 1, 2), prompts_like(seg, 1, 2)
     with torch.no_grad():
         a = seg.track(seg.encode_frames(frames), prompts)

@@ -25,7 +25,7 @@ def test_fit_logs_validation_scores_and_overlays(tmp_path: Path) -> None:
     cfg = compose([
         f"data.root={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}", "data.num_workers=0", "data.num_context=2",
         "data.num_query=2", "data.batch_size=1", "data.samples_per_epoch=2", "data.max_expressions=1",
-        "trainer.max_steps=2", "optim.warmup_steps=1",
+        "trainer.max_steps=2", "trainer.val_every_n_steps=2", "optim.warmup_steps=1",
     ])
     trainer, logger = runner.build_trainer(cfg)  # the run's real callbacks and logger; fit without the final validate
     trainer.fit(GLUSModule(cfg), datamodule=RefVOSDataModule(cfg.data))
