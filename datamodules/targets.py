@@ -84,7 +84,7 @@ class DenseTargets(Targets):
         return DenseTargets([m for p in parts for m in p.masks])
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning's bf16-true plugin rebuilds dataclasses in a batch field by field
 class ObjectMasks:
     """One video's object masks in its query frames: COCO RLE (or None where the object is absent) per frame."""
 

@@ -77,8 +77,8 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away(data_root
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_fit_writes_a_checkpoint_with_the_policy_dtypes(data_root: Path, tmp_path: Path, precision: str) -> None:
-    cfg = tiny_config(data_root, *BF16, f"trainer.precision={precision}", "trainer.max_steps=3", "data.batch_size=1",
-                      "data.samples_per_epoch=3", "data.max_expressions=2", f"run_dir={tmp_path}")
+    cfg = tiny_config(data_root, *BF16, f"trainer.precision={precision}", "trainer.max_steps=3", "trainer.val_every_n_steps=3",
+                      "data.batch_size=1", "data.samples_per_epoch=3", "data.max_expressions=2", f"run_dir={tmp_path}")
     L.seed_everything(0)
     trainer, _ = build_trainer(cfg)
     model = GLUSModule(cfg)
@@ -87,6 +87,7 @@ def test_bf16_fit_writes_a_checkpoint_with_the_policy_dtypes(data_root: Path, tm
 
     trainer.fit(model, datamodule=RefVOSDataModule(cfg.data))
     assert trainer.global_step == 3
+    assert 0 <= trainer.callback_metrics["val/J&F"].item() <= 1  # validation batches (RLE targets) pass the precision plugin
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
     assert ckpt["global_step"] == 3
     states = [s for s in trainer.optimizers[0].state.values() if "exp_avg" in s]
