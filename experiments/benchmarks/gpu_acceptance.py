@@ -13,7 +13,8 @@ Each phase (forward, backward, optimiser step, inference) is timed between ``tor
 its peak read from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the phase's start. The
 JSON (rewritten after every section, so a timeout keeps what finished) holds the torch / transformers / GPU names
 and every config override used. ``--smoke`` runs the same code on the CPU with 1 layer, 1 step and 4 frames (memory
-there: tensor bytes above the weights, see ``rehearsal.LiveTensorBytes``), and skips FSDP1, which needs CUDA.
+there: tensor bytes above the weights, see ``rehearsal.LiveTensorBytes``) and SAM2 Hiera-T at 256 px (Hiera-L at
+1024 px takes many minutes per step on a CPU), and skips FSDP1, which needs CUDA.
 
     python experiments/benchmarks/gpu_acceptance.py --out runs/gpu_acceptance.json
     python experiments/benchmarks/gpu_acceptance.py --smoke --out /tmp/gpu_acceptance_smoke.json
@@ -77,11 +78,12 @@ def build(preset: str, layers: int | None, mode: str, device: Any, extra: list[s
     return model, cfg, ov, time.perf_counter() - t
 
 
-def train_section(preset: str, layers: int | None, mode: str, steps: int, warmup: int, device: Any) -> tuple[dict[str, Any], Any, Any]:
+def train_section(preset: str, layers: int | None, mode: str, steps: int, warmup: int, device: Any,
+                  extra: list[str] = ()) -> tuple[dict[str, Any], Any, Any]:
     """``warmup`` + ``steps`` training steps (zero_grad(set_to_none) after each, as Lightning), each phase measured."""
 
     meter = rehearsal.Meter(device)
-    model, cfg, ov, build_s = build(preset, layers, mode, device)
+    model, cfg, ov, build_s = build(preset, layers, mode, device, extra)
     base = uncounted(meter, model)
     d = cfg.data
     batch = rehearsal.synthetic_batch(d.batch_size, d.num_context, d.num_query, d.max_expressions, cfg.segmenter.image_size,
@@ -197,9 +199,10 @@ def main() -> None:
     if args.smoke:
         args.layers, args.steps, args.warmup, args.frames, args.fsdp_steps = args.layers or 1, 1, 0, 4, 1
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    extra = ["segmenter.size=tiny", "segmenter.image_size=256"] if args.smoke else []
     t0 = time.perf_counter()
     result: dict[str, Any] = {"command": " ".join(["python", "experiments/benchmarks/gpu_acceptance.py", *sys.argv[1:]]),
-                              "smoke": args.smoke, "backbone": args.backbone, "layers": args.layers or "full",
+                              "smoke": args.smoke, "smoke_overrides": extra, "backbone": args.backbone, "layers": args.layers or "full",
                               "environment": environment(device), "memory_counter": (
                                   "torch.cuda.max_memory_allocated, reset per phase" if device.type == "cuda" else
                                   "CPU: tensor bytes made in the phase (rehearsal.LiveTensorBytes), weights and optimiser state "
@@ -220,7 +223,7 @@ def main() -> None:
 
     model = cfg = None
     if due("bf16") or "inference" in args.sections:
-        out, model, cfg = train_section(args.backbone, args.layers, "bf16", args.steps, args.warmup, device)
+        out, model, cfg = train_section(args.backbone, args.layers, "bf16", args.steps, args.warmup, device, extra)
         result["sections"]["train_bf16_mixed"] = out
         save()
     if due("inference") and model is not None:
@@ -229,7 +232,7 @@ def main() -> None:
     model = cfg = None
     free(device)
     if due("qlora"):
-        out, _, _ = train_section(args.backbone, args.layers, "qlora", args.steps, args.warmup, device)
+        out, _, _ = train_section(args.backbone, args.layers, "qlora", args.steps, args.warmup, device, extra)
         result["sections"]["train_qlora"] = out
         save()
     free(device)

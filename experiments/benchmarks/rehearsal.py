@@ -199,6 +199,44 @@ def synthetic_batch(videos: int, context: int, query: int, expressions: int, siz
 
 
 # ------------------------------------------------------------------------------------------------ memory
+FP32_KERNEL_OPS: set[Any] = set()
+
+
+def _fp32_kernel_ops() -> set[Any]:
+    import torch
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+    return {getattr(aten, n) for n in names if hasattr(aten, n)}
+
+
+def bf16_through_fp32_kernel(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func`` on bf16 tensors computed by its fp32 kernel, each output rounded to the dtype the bf16 kernel returns.
+
+    Why: this CPU has no bf16 GEMM (measured: 0.6 GFLOP/s in bf16 against 54 in fp32), so a 1024-px SAM2-L step in
+    bf16 takes hours. The outputs keep the bf16 op's dtypes and shapes (read from the op's meta kernel), so every
+    tensor the rest of the step sees, and the memory counted, is what the bf16 op makes; the fp32 copies live only
+    inside this call (the scratch a GPU kernel's workspace would be). Times are fp32 CPU times.
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat, spec = tree_flatten((args, kwargs))
+    if not any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in flat):
+        return func(*args, **kwargs)
+    try:
+        meta_args, meta_kwargs = tree_unflatten([t.to("meta") if isinstance(t, torch.Tensor) else t for t in flat], spec)
+        expected, _ = tree_flatten(func(*meta_args, **meta_kwargs))
+    except (NotImplementedError, RuntimeError):  # no meta kernel: run it in bf16
+        return func(*args, **kwargs)
+    up_args, up_kwargs = tree_unflatten(
+        [t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t for t in flat], spec)
+    out, out_spec = tree_flatten(func(*up_args, **up_kwargs))
+    cast = [o.to(e.dtype) if isinstance(o, torch.Tensor) and isinstance(e, torch.Tensor) else o for o, e in zip(out, expected, strict=True)]
+    return tree_unflatten(cast, out_spec)
+
+
 class LiveTensorBytes:
     """CPU stand-in for the CUDA allocator's counters: bytes of the tensor storages created while it is active.
 
@@ -207,10 +245,11 @@ class LiveTensorBytes:
     tensors exactly as ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` do on a GPU (the process's RSS
     does not: glibc keeps freed memory, caches and fragmentation come and go). Tensors that existed before (weights,
     gradient buffers, optimiser state) are not counted: they are counted exactly from the model instead.
-    Not seen: scratch memory a kernel allocates and frees inside itself.
+    Not seen: scratch memory a kernel allocates and frees inside itself. With ``fp32_kernels`` the matmuls,
+    convolutions and attention run through ``bf16_through_fp32_kernel`` (same outputs' dtypes, ~100x faster here).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fp32_kernels: bool = True) -> None:
         import weakref
 
         import torch
@@ -218,12 +257,16 @@ class LiveTensorBytes:
         from torch.utils._pytree import tree_flatten
 
         tracker = self
+        self.fp32_kernels = fp32_kernels
         self.live = self.peak = 0
         self.sizes: dict[int, int] = {}
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                if tracker.fp32_kernels and func.overloadpacket in FP32_KERNEL_OPS:
+                    out = bf16_through_fp32_kernel(func, args, kwargs or {})
+                else:
+                    out = func(*args, **(kwargs or {}))
                 for t in tree_flatten(out)[0]:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         storage = t.untyped_storage()
@@ -236,6 +279,7 @@ class LiveTensorBytes:
                 return out
 
         self.mode = Mode()
+        FP32_KERNEL_OPS.update(_fp32_kernel_ops())
 
     def _free(self, key: int) -> None:
         self.live -= self.sizes.pop(key, 0)
@@ -503,9 +547,9 @@ def tensor_bytes(t: Any) -> int:
     """Bytes a tensor holds, with bitsandbytes' 4-bit quantisation state (absmax, nested absmax, code)."""
     n = t.numel() * t.element_size()
     state = getattr(t, "quant_state", None)
-    seen = []
-    while state is not None and state not in seen:
-        seen.append(state)
+    seen: set[int] = set()  # by identity: QuantState.__eq__ compares tensors
+    while state is not None and id(state) not in seen:
+        seen.add(id(state))
         for name in ("absmax", "code", "offset"):
             v = getattr(state, name, None)
             if hasattr(v, "element_size"):
@@ -598,8 +642,14 @@ def validate_video(model: Any, batch: Any, meter: Meter) -> dict[str, Any]:
     return {"s": val.seconds, "act": val.peak - val.start}
 
 
-def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, val_frames: int) -> dict[str, Any]:
-    """One training step (and one validation video when ``val_frames``) at ``layers`` blocks and ``vocab`` rows."""
+def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, val_frames: int,
+            qlora_step: bool = False) -> dict[str, Any]:
+    """One training step (and one validation video when ``val_frames``) at ``layers`` blocks and ``vocab`` rows.
+
+    QLoRA on the CPU without ``qlora_step``: the model is built and its tensors counted, no step is run
+    (bitsandbytes' CPU 4-bit path took 470 s for one step of one layer here); its activations are the bf16 runs'
+    (the same shapes: the 4-bit weights are dequantised to bf16 one at a time), see ``extrapolate``.
+    """
     import torch
 
     from glus_lightning.config import compose
@@ -619,6 +669,12 @@ def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, v
     batch = synthetic_batch(d.batch_size, d.num_context, d.num_query, d.max_expressions, cfg.segmenter.image_size, (720, 1280)).to(device)
     tokens = model.backbone.build_inputs(batch.expressions[:1], d.num_context, d.num_query, ce_only_seg=True).input_ids.shape[1]
     optimizer = make_optimizer(model, cfg)
+    if mode == "qlora" and device.type == "cpu" and not qlora_step:
+        return {"preset": preset, "mode": mode, "layers": layers,
+                "vocab": model.backbone.hf_model.get_input_embeddings().num_embeddings, "device": device_name,
+                "overrides": ov, "build_s": build_s, "tokens_per_conversation": tokens, "loss": None,
+                "parts": part_bytes(model, layers, optimizer), "train": None, "val": None, "val_frames": 0,
+                "process_peak_rss": process_peak_rss()}
     recorder = Recorder(meter)
     instrument(model, recorder)
     model.train()
@@ -708,13 +764,18 @@ def extrapolate(mode: str, runs: list[dict[str, Any]], preset: Preset) -> dict[s
     """Full-depth, real-vocabulary memory and component times of ``mode`` from all the runs of a preset."""
     mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: (r["vocab"], r["layers"]))
     base = mine[0]
-    train_fit = make_fit(base, runs, "train")
+    act_base = base if base["train"] is not None else next(  # a weights-only QLoRA run: the bf16 run's activations
+        r for r in runs if r["train"] is not None and (r["layers"], r["vocab"]) == (base["layers"], base["vocab"]))
+    train_fit = make_fit(act_base, runs, "train")
     val_base = next((r for r in mine if r["val"] is not None), None) or next((r for r in runs if r["val"] is not None), None)
     val_fit = make_fit(val_base, runs, "val") if val_base else None
     L, V = preset.lm_depth, preset.vocab
     static = static_bytes(base, preset, V)
     w, g, s = (sum(p[k] for p in static.values()) for k in ("weights", "grads", "adam"))
     act = {ph: train_fit(lambda r, ph=ph: r["train"]["phases"][ph]["act"], L, V) for ph in ("forward", "backward", "optimizer")}
+    if act_base is not base:  # plus the largest LM weight dequantised to bf16 (forward; backward makes it again)
+        t = preset.text
+        act = {ph: a + (2 * 2 * t["hidden_size"] * t["intermediate_size"] if ph != "optimizer" else 0) for ph, a in act.items()}
     act_val = val_fit(lambda r: r["val"]["phases"]["validation"]["act"], L, V) if val_fit else float("nan")
     depths = {LM: L, VISION: preset.vision_depth}
 
@@ -788,14 +849,16 @@ def report(preset_name: str, mode: str, runs: list[dict[str, Any]], ext: dict[st
     for key, label in (("weights", "weights (params + buffers)"), ("grads", "gradients (fp32, trainable)"), ("adam", "AdamW moments (fp32)")):
         row(label, [_total(r, key) for r in mine] + [ext[key]])
     for ph in ("forward", "backward", "optimizer"):
-        row(f"activations at the {ph} peak", [r["train"]["phases"][ph]["act"] for r in mine] + [ext["act"][ph]])
+        row(f"activations at the {ph} peak", [r["train"]["phases"][ph]["act"] if r["train"] else None for r in mine] + [ext["act"][ph]])
     row("TRAINING PEAK = static + largest of the three", [_total(r, "weights") + _total(r, "grads") + _total(r, "adam") + max(
-        p["act"] for p in r["train"]["phases"].values()) for r in mine] + [ext["train_peak"]])
+        p["act"] for p in r["train"]["phases"].values()) if r["train"] else None for r in mine] + [ext["train_peak"]])
     vals = lambda r: r["val"]["phases"]["validation"]["act"] if r["val"] else None
     row("validation activation peak", [vals(r) for r in mine] + [ext["act_val"]])
     row("validation peak in fit (weights + Adam + act.)", [None if r["val"] is None else _total(r, "weights") + _total(r, "adam") + vals(r)
                                                            for r in mine] + [ext["val_peak_in_fit"]])
     row("process peak RSS (CPU run, everything)", [r["process_peak_rss"] for r in mine] + [None])
+    if any(r["train"] is None for r in mine):
+        lines.append("(weights-only runs: no step measured; activations from the bf16 runs + the largest LM weight dequantised to bf16)")
     lines.append("\nfull-size static memory by part, GiB (exact arithmetic from the measured tensors)")
     lines.append(f"{'part':32s} {'dtypes':24s} {'weights':>8s} {'grads':>8s} {'Adam':>8s}")
     for name, p in ext["static"].items():
@@ -819,7 +882,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
 
 def run_child(args: argparse.Namespace, mode: str, layers: int, vocab: int, val_frames: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", args.backbone, mode, str(layers), str(vocab), "--device", args.device,
-           "--val-frames", str(val_frames)]
+           "--val-frames", str(val_frames), "--save-dir", str(args.save_dir), *(["--qlora-step"] if args.qlora_step else [])]
     print(f"[rehearsal] {args.backbone} {mode} layers={layers} vocab={vocab} val_frames={val_frames}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -842,14 +905,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write every run and the extrapolations here")
     parser.add_argument("--runs", type=Path, nargs="+", help="report from the runs of earlier --json files instead of measuring")
+    parser.add_argument("--save-dir", type=Path, default=Path("runs/rehearsal"),
+                        help="each run's JSON is written here as it finishes (a long rehearsal loses nothing)")
+    parser.add_argument("--qlora-step", action="store_true",
+                        help="run QLoRA's training step on the CPU too (default: count its weights only; slow in bitsandbytes)")
     parser.add_argument("--one", nargs=4, metavar=("PRESET", "MODE", "LAYERS", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         preset, mode, layers, vocab = args.one
-        print(json.dumps(measure(preset, mode, int(layers), int(vocab), args.device, args.val_frames)))
+        result = measure(preset, mode, int(layers), int(vocab), args.device, args.val_frames, args.qlora_step)
+        args.save_dir.mkdir(parents=True, exist_ok=True)
+        (args.save_dir / f"{preset}-{mode}-K{layers}-V{result['vocab']}.json").write_text(json.dumps(result, default=str))
+        print(json.dumps(result, default=str))
         return
-    if args.runs:
-        runs = [r for path in args.runs for r in json.loads(path.read_text())["runs"] if r["preset"] == args.backbone]
+    if args.runs:  # --json files ({"runs": [...]}) or the per-run files of --save-dir
+        loaded = [json.loads(path.read_text()) for path in args.runs]
+        runs = [r for d in loaded for r in d.get("runs", [d]) if r["preset"] == args.backbone]
     else:
         runs = [run_child(args, *spec) for spec in plan(args)]
     modes = [m for m in args.modes if any(r["mode"] == m for r in runs)]
