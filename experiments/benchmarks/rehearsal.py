@@ -245,6 +245,8 @@ class LiveTensorBytes:
     tensors exactly as ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` do on a GPU (the process's RSS
     does not: glibc keeps freed memory, caches and fragmentation come and go). Tensors that existed before (weights,
     gradient buffers, optimiser state) are not counted: they are counted exactly from the model instead.
+    Outputs that share an input's storage (views such as a weight's ``.t()`` inside ``F.linear``, in-place results)
+    are not new memory: counting them would add every weight a step touches to its activations.
     Not seen: scratch memory a kernel allocates and frees inside itself. With ``fp32_kernels`` the matmuls,
     convolutions and attention run through ``bf16_through_fp32_kernel`` (same outputs' dtypes, ~100x faster here).
     """
@@ -267,11 +269,12 @@ class LiveTensorBytes:
                     out = bf16_through_fp32_kernel(func, args, kwargs or {})
                 else:
                     out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
                 for t in tree_flatten(out)[0]:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         storage = t.untyped_storage()
                         key = storage._cdata
-                        if key not in tracker.sizes:
+                        if key not in tracker.sizes and key not in inputs:  # a view or in-place result is not new memory
                             tracker.sizes[key] = n = storage.nbytes()
                             tracker.live += n
                             tracker.peak = max(tracker.peak, tracker.live)
