@@ -199,9 +199,6 @@ def synthetic_batch(videos: int, context: int, query: int, expressions: int, siz
 
 
 # ------------------------------------------------------------------------------------------------ memory
-FP32_KERNEL_OPS: set[Any] = set()
-
-
 def _fp32_kernel_ops() -> set[Any]:
     import torch
 
@@ -259,13 +256,13 @@ class LiveTensorBytes:
         from torch.utils._pytree import tree_flatten
 
         tracker = self
-        self.fp32_kernels = fp32_kernels
+        self.fp32_ops = _fp32_kernel_ops() if fp32_kernels else set()
         self.live = self.peak = 0
         self.sizes: dict[int, int] = {}
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if tracker.fp32_kernels and func.overloadpacket in FP32_KERNEL_OPS:
+                if func.overloadpacket in tracker.fp32_ops:
                     out = bf16_through_fp32_kernel(func, args, kwargs or {})
                 else:
                     out = func(*args, **(kwargs or {}))
@@ -282,7 +279,6 @@ class LiveTensorBytes:
                 return out
 
         self.mode = Mode()
-        FP32_KERNEL_OPS.update(_fp32_kernel_ops())
 
     def _free(self, key: int) -> None:
         self.live -= self.sizes.pop(key, 0)
@@ -672,24 +668,21 @@ def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, v
     batch = synthetic_batch(d.batch_size, d.num_context, d.num_query, d.max_expressions, cfg.segmenter.image_size, (720, 1280)).to(device)
     tokens = model.backbone.build_inputs(batch.expressions[:1], d.num_context, d.num_query, ce_only_seg=True).input_ids.shape[1]
     optimizer = make_optimizer(model, cfg)
-    if mode == "qlora" and device.type == "cpu" and not qlora_step:
-        return {"preset": preset, "mode": mode, "layers": layers,
-                "vocab": model.backbone.hf_model.get_input_embeddings().num_embeddings, "device": device_name,
-                "overrides": ov, "build_s": build_s, "tokens_per_conversation": tokens, "loss": None,
-                "parts": part_bytes(model, layers, optimizer), "train": None, "val": None, "val_frames": 0,
-                "process_peak_rss": process_peak_rss()}
+    result = {
+        "preset": preset, "mode": mode, "layers": layers, "vocab": model.backbone.hf_model.get_input_embeddings().num_embeddings,
+        "device": device_name, "overrides": ov, "build_s": build_s, "tokens_per_conversation": tokens, "loss": None,
+        "parts": part_bytes(model, layers, optimizer), "train": None, "val": None, "val_frames": val_frames,
+    }
+    if mode == "qlora" and device.type == "cpu" and not qlora_step:  # weights only
+        result.update(val_frames=0, process_peak_rss=process_peak_rss())
+        return result
     recorder = Recorder(meter)
     instrument(model, recorder)
     model.train()
     with meter.tracking():
         step = train_step(model, batch, optimizer, meter, recorder)
-    train = {"components": recorder.table(), "phases": step["phases"]}
-    parts = part_bytes(model, layers, optimizer)
-    result = {
-        "preset": preset, "mode": mode, "layers": layers, "vocab": model.backbone.hf_model.get_input_embeddings().num_embeddings,
-        "device": device_name, "overrides": ov, "build_s": build_s, "tokens_per_conversation": tokens, "loss": step["loss"],
-        "parts": parts, "train": train, "val": None, "val_frames": val_frames,
-    }
+    result.update(loss=step["loss"], train={"components": recorder.table(), "phases": step["phases"]},
+                  parts=part_bytes(model, layers, optimizer))
     if val_frames:
         optimizer.zero_grad(set_to_none=True)  # as Lightning after the step: validation runs without gradients
         del batch
@@ -776,9 +769,9 @@ def extrapolate(mode: str, runs: list[dict[str, Any]], preset: Preset) -> dict[s
     static = static_bytes(base, preset, V)
     w, g, s = (sum(p[k] for p in static.values()) for k in ("weights", "grads", "adam"))
     act = {ph: train_fit(lambda r, ph=ph: r["train"]["phases"][ph]["act"], L, V) for ph in ("forward", "backward", "optimizer")}
-    if act_base is not base:  # plus the largest LM weight dequantised to bf16 (forward; backward makes it again)
+    if act_base is not base:  # plus the largest LM weight dequantised to bf16, one at a time in forward and backward
         t = preset.text
-        act = {ph: a + (2 * 2 * t["hidden_size"] * t["intermediate_size"] if ph != "optimizer" else 0) for ph, a in act.items()}
+        act = {ph: a + (2 * t["hidden_size"] * t["intermediate_size"] if ph != "optimizer" else 0) for ph, a in act.items()}
     act_val = val_fit(lambda r: r["val"]["phases"]["validation"]["act"], L, V) if val_fit else float("nan")
     depths = {LM: L, VISION: preset.vision_depth}
 
