@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from datamodules.batch import RefVOSBatch
-from glus_lightning.losses import upsample_logits
+from glus_lightning.masks import masks_from_logits
 
 PRED_COLOUR = (255, 60, 60)  # prediction filled in red
 TARGET_COLOUR = (60, 255, 60)  # ground-truth outline in green
@@ -57,7 +57,7 @@ class MaskOverlayLogger(L.Callback):
         threshold = pl_module.cfg.mask_threshold
         for e, logits in enumerate(outputs["mask_logits"]):  # one expression at a time: targets are built when used
             target = batch.targets.expression_target(e).bool()
-            pred = upsample_logits(logits.float(), tuple(target.shape[-2:])) > threshold  # as scored
+            pred = masks_from_logits(logits, tuple(target.shape[-2:]), threshold)  # as scored
             strip = torch.cat(list(overlay(frames, pred, target)), dim=-1)  # [3, S, T*S]
             del target, pred
             tag = f"val_overlay/{batch.video_ids[0]}/{e}: {batch.expressions[e]}"

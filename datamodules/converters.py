@@ -23,12 +23,14 @@ expression whose object has no mask in any frame, fewer than ``min_frames`` fram
 out, a ``ConversionWarning`` is issued and ``{"video", "reason"}`` is added to ``Source.skipped``.
 Faults of a whole split (its metadata file missing or not valid JSON) always raise: nothing of it
 could be converted.
+
+The checked readers of the metadata, RLE and PNG formats are shared with ``glus evaluate`` and live in
+:mod:`datamodules.formats`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,11 +40,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datamodules.formats import (
+    ConversionError,
+    check_rle,
+    expression_items,
+    frame_names,
+    id_list,
+    load_json,
+    meta_videos,
+    read_object_ids,
+)
 from datamodules.records import Expression, VideoRecord, encode_rle
-
-
-class ConversionError(ValueError):
-    """The source dataset is malformed; the message names the file, video or expression and why."""
 
 
 class ConversionWarning(UserWarning):
@@ -85,27 +93,27 @@ def open_mevis(root: str | Path, split: str, min_frames: int, skip_bad: bool) ->
     """``<root>/<split>/{JPEGImages/<video>/<frame>.jpg, meta_expressions.json, mask_dict.json}``."""
     split_dir = _split_dir(root, split)
     meta_path = split_dir / "meta_expressions.json"
-    videos = _videos(meta_path)
+    videos = meta_videos(meta_path)
     mask_path = split_dir / "mask_dict.json"
-    mask_dict = _load_json(mask_path) if mask_path.is_file() else None
+    mask_dict = load_json(mask_path) if mask_path.is_file() else None
     if mask_dict is not None and not isinstance(mask_dict, dict):
         raise ConversionError(f"{mask_path}: expected an object {{anno_id: [RLE or null per frame]}}, got {type(mask_dict).__name__}")
 
     def read(video: str) -> VideoRecord:
         where = f"{meta_path}: video {video!r}"
-        names = _frame_names(videos[video], where)
+        names = frame_names(videos[video], where)
         _check_length(len(names), min_frames, where)
         frames, height, width = _read_frames(split_dir / "JPEGImages" / video, names, where)
         masks: dict[int, list[dict[str, Any] | None]] = {}
         checked: dict[str, list[dict[str, Any] | None]] = {}  # anno_id -> its RLEs, checked once per video
         expressions = []
-        for exp_id, exp in _expression_items(videos[video], where):
+        for exp_id, exp in expression_items(videos[video], where):
             text = _text(exp, f"{where} expression {exp_id}")
             if mask_dict is None:
                 expressions.append(Expression(exp_id, text, ()))
                 continue
-            obj_ids = [int(i) for i in _id_list(exp, "obj_id", f"{where} expression {exp_id}")]
-            anno_ids = _id_list(exp, "anno_id", f"{where} expression {exp_id}")
+            obj_ids = [int(i) for i in id_list(exp, "obj_id", f"{where} expression {exp_id}")]
+            anno_ids = id_list(exp, "anno_id", f"{where} expression {exp_id}")
             if len(obj_ids) != len(anno_ids):
                 raise ConversionError(f"{where} expression {exp_id}: obj_id {obj_ids} and anno_id {anno_ids} differ in length")
             for obj_id, anno_id in zip(obj_ids, anno_ids):
@@ -131,59 +139,10 @@ def _object_rles(rles: Any, num_frames: int, height: int, width: int, where: str
         raise ConversionError(f"{where}: expected a list of {num_frames} RLEs or nulls (one per frame), got {got}")
     for index, rle in enumerate(rles):
         if rle is not None:
-            _check_rle(rle, height, width, f"{where} frame {index}")
+            check_rle(rle, height, width, f"{where} frame {index}")
     if all(rle is None for rle in rles):
         raise ConversionError(f"{where}: has no mask in any frame")
     return [dict(rle) if rle is not None else None for rle in rles]
-
-
-def _check_rle(rle: Any, height: int, width: int, where: str) -> None:
-    """A COCO RLE must have ``size == [height, width]`` and runs that cover exactly ``height * width`` pixels.
-
-    pycocotools does not check this itself: bad counts decode to garbage memory, hence the check here.
-    """
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ConversionError(f"{where}: malformed RLE, expected {{'size': [h, w], 'counts': ...}}, got {str(rle)[:80]}")
-    if list(rle["size"]) != [height, width]:
-        raise ConversionError(f"{where}: malformed RLE, size {rle['size']} is not the frame size {[height, width]}")
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in counts):
-            raise ConversionError(f"{where}: malformed RLE, a list of counts must hold integers")
-        runs = np.array(counts, dtype=np.int64)
-    else:
-        runs = _string_runs(counts, where)
-    if (runs < 0).any() or runs.sum() != height * width:
-        raise ConversionError(f"{where}: malformed RLE, its runs do not cover {height}x{width} pixels")
-
-
-def _string_runs(counts: Any, where: str) -> np.ndarray:
-    """Run lengths of a compressed COCO RLE string.
-
-    Each number is a little-endian group of chars ``'0' + 6 bits`` (5 data bits, 0x20 = more follows,
-    0x10 in the last char = negative); from the third run on, a number is the difference to the run
-    two places before. Vectorised: MeViS has about a million of these strings.
-    """
-    if not isinstance(counts, str) or not counts.isascii():
-        raise ConversionError(f"{where}: malformed RLE, counts must be an ASCII string or a list, got {str(counts)[:40]!r}")
-    chars = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
-    if chars.size == 0:
-        return chars
-    if chars.min() < 0 or chars.max() >= 64:
-        raise ConversionError(f"{where}: malformed RLE, counts hold characters outside '0'..'o'")
-    ends = np.flatnonzero((chars & 0x20) == 0)  # the last char of each number
-    if ends.size == 0 or ends[-1] != chars.size - 1:
-        raise ConversionError(f"{where}: malformed RLE, counts string ends inside a number")
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    digit = np.arange(chars.size) - np.repeat(starts, ends - starts + 1)
-    if digit.max() > 11:
-        raise ConversionError(f"{where}: malformed RLE, a number in counts is too long")
-    values = np.add.reduceat((chars & 0x1F) << (5 * digit), starts)
-    values -= np.where(chars[ends] & 0x10, 1 << (5 * (digit[ends] + 1)), 0)
-    runs = values.copy()
-    runs[1::2] = np.cumsum(values[1::2])
-    runs[2::2] = np.cumsum(values[2::2])
-    return runs
 
 
 # ---------------------------------------------------------------- Ref-YouTube-VOS and Ref-DAVIS17
@@ -202,13 +161,13 @@ def open_ref_davis17(root: str | Path, split: str, min_frames: int, skip_bad: bo
 def _open_palette_layout(dataset: str, root: str | Path, split: str, min_frames: int, skip_bad: bool) -> Source:
     split_dir = _split_dir(root, split)
     meta_path = Path(root) / "meta_expressions" / split / "meta_expressions.json"
-    videos = _videos(meta_path)
+    videos = meta_videos(meta_path)
     labelled = (split_dir / "Annotations").is_dir()
 
     def read(video: str) -> VideoRecord:
         where = f"{meta_path}: video {video!r}"
-        names = _frame_names(videos[video], where)
-        items = _expression_items(videos[video], where)
+        names = frame_names(videos[video], where)
+        items = expression_items(videos[video], where)
         masks: dict[int, list[dict[str, Any] | None]] = {}
         if labelled:
             annotation_dir = split_dir / "Annotations" / video
@@ -218,7 +177,7 @@ def _open_palette_layout(dataset: str, root: str | Path, split: str, min_frames:
         _check_length(len(names), min_frames, where)
         frames, height, width = _read_frames(split_dir / "JPEGImages" / video, names, where)
         if labelled:
-            ids = np.stack([_read_ids(annotation_dir / f"{n}.png", height, width) for n in names])
+            ids = np.stack([read_object_ids(annotation_dir / f"{n}.png", height, width) for n in names])
             for obj_id in (int(i) for i in np.unique(ids) if i != 0):
                 masks[obj_id] = [encode_rle(frame == obj_id) for frame in ids]
         expressions = []
@@ -240,21 +199,6 @@ def _open_palette_layout(dataset: str, root: str | Path, split: str, min_frames:
     return Source(dataset, split, list(videos), read, skip_bad)
 
 
-def _read_ids(path: Path, height: int, width: int) -> np.ndarray:
-    """Object ids per pixel from a palette (or grayscale) PNG."""
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            ids = np.asarray(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ConversionError(f"{path}: not a readable PNG ({err})") from err
-    if mode not in ("P", "L"):
-        raise ConversionError(f"{path}: expected a palette (P) or grayscale (L) PNG of object ids, got mode {mode}")
-    if ids.shape != (height, width):
-        raise ConversionError(f"{path}: annotation is {ids.shape[1]}x{ids.shape[0]}, its frame is {width}x{height}")
-    return ids
-
-
 # ---------------------------------------------------------------- shared
 
 
@@ -265,56 +209,11 @@ def _split_dir(root: str | Path, split: str) -> Path:
     return split_dir
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        with path.open() as f:
-            return json.load(f)
-    except FileNotFoundError as err:
-        raise ConversionError(f"{path}: file not found") from err
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    except UnicodeDecodeError as err:
-        raise ConversionError(f"{path}: not UTF-8 text ({err})") from err
-
-
-def _videos(meta_path: Path) -> dict[str, Any]:
-    meta = _load_json(meta_path)
-    videos = meta.get("videos") if isinstance(meta, dict) else None
-    if not isinstance(videos, dict):
-        raise ConversionError(f"{meta_path}: expected an object {{'videos': {{video: {{'frames', 'expressions'}}}}}}")
-    return videos
-
-
-def _frame_names(entry: Any, where: str) -> list[str]:
-    names = entry.get("frames") if isinstance(entry, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConversionError(f"{where}: 'frames' must be a list of frame names, got {str(names)[:80]}")
-    return names
-
-
-def _expression_items(entry: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
-    expressions = entry.get("expressions")
-    if not isinstance(expressions, dict) or not expressions:
-        raise ConversionError(f"{where}: 'expressions' must be a non-empty object {{exp_id: {{'exp', ...}}}}")
-    for exp_id, exp in expressions.items():
-        if not isinstance(exp, dict):
-            raise ConversionError(f"{where} expression {exp_id}: expected an object, got {str(exp)[:80]}")
-    return [(str(k), v) for k, v in expressions.items()]
-
-
 def _text(exp: dict[str, Any], where: str) -> str:
     text = exp.get("exp")
     if not isinstance(text, str) or not normalize_expression(text):
         raise ConversionError(f"{where}: 'exp' must be a non-empty string, got {text!r}")
     return normalize_expression(text)
-
-
-def _id_list(exp: dict[str, Any], key: str, where: str) -> list[str]:
-    """A non-empty list of integer ids, as strings (MeViS writes them as numbers or as strings)."""
-    values = exp.get(key)
-    if not isinstance(values, list) or not values or not all(isinstance(v, (int, str)) and str(v).isdigit() for v in values):
-        raise ConversionError(f"{where}: {key!r} must be a non-empty list of integer ids, got {values!r}")
-    return [str(v) for v in values]
 
 
 def _read_frames(frame_dir: Path, names: list[str], where: str) -> tuple[list[bytes], int, int]:

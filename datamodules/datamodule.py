@@ -231,9 +231,9 @@ class EvalStream(IterableDataset):
             yield build_sample(record, plan_eval(record, self.cfg.num_context), self.cfg.image_size, lazy_targets=True)
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader that numbers each pass, so every epoch of the stream draws new, reproducible samples, and that
-    can resume a pass in its middle.
+class EpochLoader:
+    """The training loader: a DataLoader over the stream that numbers each pass, so every epoch of the stream draws
+    new, reproducible samples, and that can resume a pass in its middle.
 
     Its ``state_dict`` (the pass number and how many batches it has handed out in it) is saved by Lightning in the
     checkpoint's loop state and given back through ``load_state_dict`` before the resumed run's first ``iter``: that
@@ -241,25 +241,31 @@ class EpochLoader(DataLoader):
     rank hands out the same number of batches. Lightning takes no batch ahead from a loader with a length, so the
     batches handed out are the batches trained on. The position is set before the workers start (they copy the
     dataset), hence non-persistent workers.
+
+    Not itself a DataLoader: its length is exact (``TrainStream`` splits each rank's share over its workers), which
+    Lightning cannot know of a DataLoader over an ``IterableDataset`` and would warn about.
     """
 
     def __init__(self, dataset: TrainStream, next_epoch: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(dataset, persistent_workers=False, **kwargs)
+        self.stream = dataset
+        self.loader = DataLoader(dataset, persistent_workers=False, **kwargs)
         self.next_epoch = next_epoch
         self.position = (0, 0)  # (pass, batches handed out in it)
         self._resume: tuple[int, int] | None = None
 
+    def __len__(self) -> int:
+        return len(self.loader)
+
     def __iter__(self) -> Iterator[RefVOSBatch]:
+        """A generator: the pass starts at its first batch, not at ``iter`` (Lightning calls ``iter`` on a loader that
+        is not a DataLoader to check it, which must not use up a pass)."""
         epoch, start = self._resume if self._resume is not None else (self.next_epoch(), 0)
         self._resume = None
         if start >= len(self):  # a checkpoint at the pass's last batch: Lightning goes on with the next pass
             epoch, start = epoch + 1, 0
-        self.dataset.epoch, self.dataset.start = epoch, start
+        self.stream.epoch, self.stream.start = epoch, start
         self.position = (epoch, start)
-        return self._counted(super().__iter__())
-
-    def _counted(self, batches: Iterator[RefVOSBatch]) -> Iterator[RefVOSBatch]:
-        for batch in batches:
+        for batch in self.loader:
             self.position = (self.position[0], self.position[1] + 1)
             yield batch
 

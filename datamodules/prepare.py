@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from datamodules.converters import OPENERS, ConversionError
+from datamodules.converters import OPENERS
+from datamodules.formats import ConversionError
 from datamodules.shards import MANIFEST, Manifest, write_shards
 from datamodules.synthetic import DATASET, synthetic_records
 

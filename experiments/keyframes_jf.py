@@ -21,9 +21,9 @@ from tqdm import tqdm
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.config import compose
 from glus_lightning.inference.predictor import load_module
-from glus_lightning.losses import upsample_logits
+from glus_lightning.keyframes.refinement import collect_targets, fit_scorer, format_stats, keyframe_targets, training_videos
+from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import JAndF
-from glus_lightning.refinement import collect_targets, fit_scorer, format_stats, keyframe_targets, training_videos
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         for e, exp_id in enumerate(batch.expression_ids):  # one target at a time, built from the batch's RLE
             target = batch.targets.expression_target(e).bool()
             for name, logits in results.items():
-                pred = upsample_logits(logits[e].float(), tuple(target.shape[-2:])) > cfg.mask_threshold
+                pred = masks_from_logits(logits[e], tuple(target.shape[-2:]), cfg.mask_threshold)
                 metrics[name].update(pred, target, key=f"{batch.video_ids[0]}/{exp_id}")
 
     print(f"\n{'inference':18s} {'J':>7s} {'F':>7s} {'J&F':>7s}  keyframe (mean index, share at frame 0)")

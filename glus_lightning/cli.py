@@ -7,9 +7,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 
-from omegaconf import DictConfig
-
-from glus_lightning.config import ConfigError, compose, to_yaml
+from glus_lightning.config import compose_or_report, to_yaml
 
 RUN_COMMANDS = {
     "fit": "train (the built-in default with no arguments), then validate",
@@ -19,18 +17,6 @@ RUN_COMMANDS = {
 CSV_COMMANDS = ("validate", "test")
 
 
-def compose_or_report(command: str, overrides: list[str], check: Callable[[DictConfig], None] | None = None) -> DictConfig | None:
-    """The composed config (``check`` may raise ``ConfigError`` on it), or None after printing the error for ``glus command``."""
-    try:
-        cfg = compose(overrides)
-        if check is not None:
-            check(cfg)
-    except ConfigError as err:
-        print(f"glus {command}: config error: {err}", file=sys.stderr)
-        return None
-    return cfg
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand with its arguments; each sets ``args.handler``, the function that runs it."""
     from datamodules.prepare import configure_prepare_parser, run_prepare
@@ -38,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glus_lightning.checkpoints.importers import configure_import_parser, run_import
     from glus_lightning.evaluation import configure_evaluate_parser, run_evaluate
     from glus_lightning.inference.command import configure_predict_parser, run_predict
-    from glus_lightning.refinement import configure_refine_parser, run_refine
+    from glus_lightning.keyframes.command import configure_refine_parser, run_refine
 
     parser = argparse.ArgumentParser(
         prog="glus",

@@ -4,11 +4,20 @@ The dataclasses here only fix names and types: every default value lives in the 
 (``conf/`` is the single source of defaults). Composition order, later wins:
 ``conf/config.yaml`` -> the experiment's group choices (overridden by ``group=choice`` on the
 command line) -> the experiment's own keys -> ``dotted.key=value`` overrides.
+
+Inheritance: a file of any group may name a parent in its own group, ``defaults: {<group>: <parent>}``
+(``experiment: glus_s`` in ``conf/experiment/glus_s_qlora.yaml``, ``backbone: _prompt`` in a backbone file).
+The parent is composed first, recursively, and the file's keys merge onto it; an experiment inherits its
+parent's group choices too, its own ``defaults`` winning. One parent per file; a cycle or a parent that does
+not exist is a ``ConfigError`` naming the file. A file whose name starts with ``_`` is a shared fragment: a
+parent only, not a choice (``group_choices`` leaves it out, ``group=_name`` is refused).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,7 +207,8 @@ def conf_dir() -> Path:
 
 
 def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    """The selectable files of a group (``_``-prefixed shared fragments left out)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -210,20 +220,46 @@ def _load_yaml(path: Path) -> DictConfig:
 
 def _group_file(group: str, choice: str) -> Path:
     path = conf_dir() / group / f"{choice}.yaml"
-    if not path.is_file():
+    if choice.startswith("_") or not path.is_file():
         raise ConfigError(f"{group}={choice!r} is not a choice; valid: {', '.join(group_choices(group))}")
     return path
+
+
+def _load_inherited(group: str, path: Path, chain: tuple[Path, ...] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """A group file merged onto the parent its ``defaults`` names (recursively), and its inherited group choices.
+
+    ``chain``: the files that inherit from this one, to report a cycle.
+    """
+    cfg = _load_yaml(path)
+    defaults = cfg.pop("defaults", None)
+    if defaults is not None and not isinstance(defaults, DictConfig):
+        raise ConfigError(f"{path}: defaults must map group: choice, got {defaults!r}")
+    choices: dict[str, str] = OmegaConf.to_container(defaults) if defaults is not None else {}  # type: ignore[assignment]
+    allowed = (*GROUPS, "experiment") if group == "experiment" else (group,)
+    unknown = sorted(set(choices) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{path}: defaults names unknown groups {unknown}; valid: {', '.join(allowed)}")
+    parent = choices.pop(group, None)
+    if parent is None:
+        return cfg, choices
+    parent_path = conf_dir() / group / f"{parent}.yaml"
+    if parent_path in (*chain, path):
+        raise ConfigError(f"inheritance cycle: {' -> '.join(str(p) for p in (*chain, path, parent_path))}")
+    if not parent_path.is_file():
+        names = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        raise ConfigError(f"{path}: defaults {group}: {parent!r} names no file in {path.parent}; valid: {', '.join(names)}")
+    parent_cfg, inherited = _load_inherited(group, parent_path, (*chain, path))
+    return OmegaConf.merge(parent_cfg, cfg), {**inherited, **choices}  # type: ignore[return-value]
 
 
 GROUP_SCHEMAS = {"backbone": BackboneConfig, "segmenter": SegmenterConfig, "data": DataConfig, "trainer": TrainerConfig}
 
 
 def load_group(group: str, choice: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """One group's YAML validated against its schema, to build a component on its own (tests, tools)."""
+    """One group's YAML (with its parents) validated against its schema, to build a component on its own (tests, tools)."""
+    group_cfg, _ = _load_inherited(group, _group_file(group, choice))
     try:
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(GROUP_SCHEMAS[group]), _load_yaml(_group_file(group, choice)), OmegaConf.from_dotlist(list(overrides))
-        )
+        cfg = OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), group_cfg, OmegaConf.from_dotlist(list(overrides)))
     except ConfigKeyError as err:
         raise ConfigError(f"{group}={choice}: unknown key {err.full_key!r}") from err
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -247,11 +283,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     base = _load_yaml(conf_dir() / "config.yaml")
     experiment = group_overrides.get("experiment", base.get("experiment"))
-    exp_cfg = _load_yaml(_group_file("experiment", experiment))
-    choices = dict(exp_cfg.pop("defaults", {}) or {})
-    unknown = set(choices) - set(GROUPS)
-    if unknown:
-        raise ConfigError(f"experiment {experiment!r}: defaults names unknown groups {sorted(unknown)}; valid: {GROUPS}")
+    exp_cfg, choices = _load_inherited("experiment", _group_file("experiment", experiment))
     choices.update({k: v for k, v in group_overrides.items() if k != "experiment"})
 
     schema = OmegaConf.structured(GLUSConfig)
@@ -260,7 +292,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         for group in GROUPS:
             if group not in choices:
                 raise ConfigError(f"experiment {experiment!r} chooses no {group}; valid: {', '.join(group_choices(group))}")
-            cfg = OmegaConf.merge(cfg, {group: _load_yaml(_group_file(group, choices[group]))})
+            cfg = OmegaConf.merge(cfg, {group: _load_inherited(group, _group_file(group, choices[group]))[0]})
         cfg = OmegaConf.merge(cfg, exp_cfg, OmegaConf.from_dotlist(dotted))
     except ConfigKeyError as err:
         raise ConfigError(f"unknown config key {err.full_key!r}; valid keys there: {_valid_keys(err.full_key)}") from err
@@ -284,3 +316,15 @@ def _valid_keys(full_key: str) -> str:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def compose_or_report(command: str, overrides: list[str], check: Callable[[DictConfig], None] | None = None) -> DictConfig | None:
+    """The composed config (``check`` may raise ``ConfigError`` on it), or None after printing the error for ``glus command``."""
+    try:
+        cfg = compose(overrides)
+        if check is not None:
+            check(cfg)
+    except ConfigError as err:
+        print(f"glus {command}: config error: {err}", file=sys.stderr)
+        return None
+    return cfg

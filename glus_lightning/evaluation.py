@@ -33,15 +33,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.converters import (
+from datamodules.formats import (
     ConversionError,
-    _check_rle,
-    _expression_items,
-    _frame_names,
-    _id_list,
-    _load_json,
-    _read_ids,
-    _videos,
+    check_rle,
+    expression_items,
+    frame_names,
+    id_list,
+    load_json,
+    meta_videos,
+    read_object_ids,
 )
 from datamodules.records import RecordError, decode_rle
 from glus_lightning.metrics import JAndF
@@ -163,7 +163,7 @@ GroundTruth = Callable[[Predictions], Iterator[Target]]
 def _meta_videos(meta: Path) -> dict[str, Any]:
     if not Path(meta).is_file():
         raise EvaluationError(f"--meta {meta}: file not found")
-    return _videos(Path(meta))
+    return meta_videos(Path(meta))
 
 
 def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
@@ -171,16 +171,16 @@ def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
     videos = _meta_videos(meta)
     if not Path(mask_dict).is_file():
         raise EvaluationError(f"--gt {mask_dict}: file not found")
-    rles = _load_json(Path(mask_dict))
+    rles = load_json(Path(mask_dict))
     if not isinstance(rles, dict):
         raise EvaluationError(f"{mask_dict}: expected an object {{anno_id: [RLE or null per frame]}}, got {type(rles).__name__}")
 
     def read(predictions: Predictions) -> Iterator[Target]:
         for video, entry in videos.items():
             where = f"{meta}: video {video!r}"
-            frames = _frame_names(entry, where)
-            items = _expression_items(entry, where)
-            annos = {exp_id: _id_list(exp, "anno_id", f"{where} expression {exp_id}") for exp_id, exp in items}
+            frames = frame_names(entry, where)
+            items = expression_items(entry, where)
+            annos = {exp_id: id_list(exp, "anno_id", f"{where} expression {exp_id}") for exp_id, exp in items}
             for exp_id, ids in annos.items():
                 for anno_id in ids:
                     _check_object(rles.get(anno_id), len(frames), f"{mask_dict}: anno_id {anno_id} of {video}/{exp_id}")
@@ -199,7 +199,7 @@ def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
                     target |= decoded[anno_id]
                 yield Target(video, exp_id, frames, target)
 
-    return sum(len(_expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
+    return sum(len(expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
 
 
 def _check_object(per_frame: Any, num_frames: int, where: str) -> None:
@@ -218,7 +218,7 @@ def _decode_object(per_frame: list[Any], shape: tuple[int, ...], where: str) -> 
     masks = np.zeros((len(per_frame), *shape), dtype=bool)
     for t, rle in enumerate(per_frame):
         if rle is not None:
-            _check_rle(rle, shape[0], shape[1], f"{where} frame {t}")
+            check_rle(rle, shape[0], shape[1], f"{where} frame {t}")
             masks[t] = decode_rle(rle, f"{where} frame {t}") != 0
     return masks
 
@@ -236,7 +236,7 @@ def palette_ground_truth(annotations: Path, meta: Path) -> tuple[int, GroundTrut
         for video, entry in videos.items():
             where = f"{meta}: video {video!r}"
             video_dir = root / video
-            frames = [n for n in _frame_names(entry, where) if (video_dir / f"{n}.png").is_file()]
+            frames = [n for n in frame_names(entry, where) if (video_dir / f"{n}.png").is_file()]
             if not frames:
                 raise EvaluationError(f"{where}: no ground-truth PNG for any of its frames in {video_dir}")
             try:
@@ -244,13 +244,13 @@ def palette_ground_truth(annotations: Path, meta: Path) -> tuple[int, GroundTrut
                     height, width = img.height, img.width
             except (OSError, ValueError, SyntaxError) as err:
                 raise EvaluationError(f"{video_dir / frames[0]}.png: not a readable PNG ({err})") from err
-            ids = np.stack([_read_ids(video_dir / f"{n}.png", height, width) for n in frames])
-            for exp_id, exp in _expression_items(entry, where):
+            ids = np.stack([read_object_ids(video_dir / f"{n}.png", height, width) for n in frames])
+            for exp_id, exp in expression_items(entry, where):
                 raw = exp.get("obj_id")  # "1" in Ref-YouTube-VOS; a list is taken as the union of its objects
-                obj_ids = _id_list({"obj_id": raw if isinstance(raw, list) else [raw]}, "obj_id", f"{where} expression {exp_id}")
+                obj_ids = id_list({"obj_id": raw if isinstance(raw, list) else [raw]}, "obj_id", f"{where} expression {exp_id}")
                 yield Target(video, exp_id, frames, np.isin(ids, [int(o) for o in obj_ids]))
 
-    return sum(len(_expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
+    return sum(len(expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
 
 
 def open_ground_truth(gt: str | Path, meta: str | Path) -> tuple[int, GroundTruth]:

@@ -1,12 +1,61 @@
-"""Mask losses of GLUS, each averaged over (expression, frame) masks at the mask's own resolution."""
+"""The GLUS training objective (``GLUSLoss``) and its mask terms, each averaged over (expression, frame) masks at the
+target's own resolution."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datamodules.batch import RefVOSBatch
+from glus_lightning.config import LossConfig
+from glus_lightning.heads.object_contrastive import ObjectContrastiveHead, expression_keys
+from glus_lightning.masks import masks_from_logits, upsample_logits
 from glus_lightning.metrics import mask_iou
+
+
+@dataclass
+class GLUSOutput:
+    """The training forward's output (``GLUSModule.forward``), what ``GLUSLoss`` scores."""
+
+    lm_loss: Tensor  # scalar
+    mask_logits: list[Tensor]  # E tensors [Q, h, w] of low-resolution logits
+    prompts: Tensor  # [E, Q, prompt_dim] projected [SEG] embeddings
+    iou_pred: Tensor  # [E, Q] SAM2's predicted IoU
+    object_logits: Tensor  # [E, Q] SAM2's object-presence logits
+
+
+class GLUSLoss:
+    """CE at the ``[SEG]`` targets + BCE + Dice (GLUS weights 1 : 2 : 0.5), SAM2's object-presence and IoU heads, and
+    the object-contrastive InfoNCE when ``contrastive`` is given, weighted by ``loss.*``.
+
+    Returns the weighted sum and every unweighted term by name (``ce``, ``bce``, ``dice``, ``object``, ``iou_pred``,
+    ``contrastive``), the names ``train/<term>`` is logged under.
+    """
+
+    def __init__(self, weights: LossConfig, mask_threshold: float, contrastive: ObjectContrastiveHead | None = None) -> None:
+        self.weights = {"ce": weights.ce_weight, "bce": weights.bce_weight, "dice": weights.dice_weight,
+                        "object": weights.object_weight, "iou_pred": weights.iou_weight,
+                        "contrastive": weights.contrastive_weight}
+        self.mask_threshold = mask_threshold
+        self.contrastive = contrastive
+
+    def __call__(self, out: GLUSOutput, batch: RefVOSBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        bce, dice = mask_losses(out.mask_logits, batch.masks)
+        terms = {
+            "ce": out.lm_loss,
+            "bce": bce,
+            "dice": dice,
+            "object": presence_loss(out.object_logits, batch.masks),
+            "iou_pred": iou_prediction_loss(out.iou_pred, out.mask_logits, batch.masks, self.mask_threshold),
+        }
+        if self.contrastive is not None:
+            video_keys, object_keys = expression_keys(batch)
+            terms["contrastive"] = self.contrastive(out.prompts, video_keys, object_keys)
+        total = sum(self.weights[name] * term for name, term in terms.items())
+        return total, terms
 
 
 def mask_bce(logits: Tensor, target: Tensor) -> Tensor:
@@ -24,13 +73,6 @@ def mask_dice(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     return 1.0 - (2.0 * (prob * tgt).sum(1) + smooth) / (prob.sum(1) + tgt.sum(1) + smooth)
 
 
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``[N, h, w]`` mask logits to ``size`` (the video's original resolution)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-
-
 def presence_loss(object_logits: Tensor, targets: list[Tensor]) -> Tensor:
     """BCE of SAM2's object-score logits ``[E, Q]`` against "the target is non-empty in this frame"."""
     present = torch.stack([t.flatten(1).any(1) for t in targets]).to(object_logits.dtype)
@@ -41,7 +83,7 @@ def iou_prediction_loss(iou_pred: Tensor, logits: list[Tensor], targets: list[Te
     """L1 between SAM2's predicted IoU ``[E, Q]`` and the IoU its thresholded mask achieves (as SAM2 trains it)."""
     achieved = []
     for lg, tgt in zip(logits, targets, strict=True):
-        pred = upsample_logits(lg.detach().float(), tuple(tgt.shape[-2:])) > threshold
+        pred = masks_from_logits(lg.detach(), tuple(tgt.shape[-2:]), threshold)
         achieved.append(mask_iou(pred, tgt.bool()))
     return F.l1_loss(iou_pred.float(), torch.stack(achieved).to(iou_pred.device, torch.float32))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -16,37 +15,17 @@ from glus_lightning.backbones import build_backbone
 from glus_lightning.backbones.base import PrefixCache
 from glus_lightning.checkpoints import state as ckpt_state
 from glus_lightning.checkpoints.importers import load_init_weights
-from glus_lightning.heads.frame_scorer import FrameScorer
 from glus_lightning.heads.object_contrastive import ObjectContrastiveHead, expression_keys
 from glus_lightning.heads.seg_projection import SegProjection
-from glus_lightning.losses import iou_prediction_loss, mask_losses, presence_loss, upsample_logits
+from glus_lightning.keyframes.evidence import FrameEvidence, collect_evidence
+from glus_lightning.keyframes.propagation import predict_from_keyframes
+from glus_lightning.keyframes.scorer import FrameScorer
+from glus_lightning.losses import GLUSLoss, GLUSOutput
+from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
-from glus_lightning.segmentation import FrameFeatures, TrackOutput, build_segmenter
-from glus_lightning.segmentation.segmenter import cat_tracks
-from glus_lightning.strategies import gather_units, release_units, shard_fsdp2
-
-
-@dataclass
-class GLUSOutput:
-    lm_loss: Tensor  # scalar
-    mask_logits: list[Tensor]  # E tensors [Q, h, w] of low-resolution logits
-    prompts: Tensor  # [E, Q, prompt_dim] projected [SEG] embeddings
-    iou_pred: Tensor  # [E, Q] SAM2's predicted IoU
-    object_logits: Tensor  # [E, Q] SAM2's object-presence logits
-
-
-@dataclass
-class FrameEvidence:
-    """What the model sees of every frame of one video before tracking it: the keyframe scorer's material."""
-
-    prompts: Tensor  # [E, T, prompt_dim] projected [SEG] embeddings
-    features: FrameFeatures  # [T] SAM2 image features
-    memoryless: TrackOutput  # [E, T] each frame segmented with an empty memory (as a keyframe would be)
-
-    @property
-    def scorer_inputs(self) -> Tensor:  # [E, T, prompt_dim + 2]
-        return FrameScorer.inputs(self.prompts, self.memoryless.iou_pred, self.memoryless.object_score_logits)
+from glus_lightning.segmentation import build_segmenter
+from glus_lightning.strategies import shard_fsdp2
 
 
 class GLUSModule(L.LightningModule):
@@ -71,7 +50,8 @@ class GLUSModule(L.LightningModule):
             self.contrastive = ObjectContrastiveHead(
                 self.segmenter.prompt_dim, w.contrastive_bank_size, w.contrastive_negatives, w.contrastive_temperature
             )
-        # fitted by keyframe self-refinement only (refinement.py), never by the main loss
+        self.criterion = GLUSLoss(w, cfg.mask_threshold, self.contrastive)
+        # fitted by keyframe self-refinement only (keyframes/refinement.py), never by the main loss
         self.frame_scorer = FrameScorer(self.segmenter.prompt_dim, cfg.refine.hidden).requires_grad_(False)
         if cfg.get("init_weights") is not None:  # published weights from `glus import` (configs saved before the key: none)
             load_init_weights(self, cfg.init_weights)
@@ -81,6 +61,9 @@ class GLUSModule(L.LightningModule):
         self.val_metric = JAndF()
         self.test_metric = JAndF()
         self.expression_scores: dict[str, dict[str, float]] = {}  # last val/test epoch, keys "dataset/video/exp_id"
+        # Hugging Face's from_pretrained returns eval-mode models and Lightning's fit does not switch modes: without
+        # this the LM would train in eval mode, without gradient checkpointing (HF checks .training) or LoRA dropout
+        self.train()
 
     # ----------------------------------------------------------------------------------- forward
     def encode_window(self, batch: RefVOSBatch, query: Tensor, prefix: PrefixCache | None = None) -> tuple[Tensor, Tensor]:
@@ -117,7 +100,9 @@ class GLUSModule(L.LightningModule):
         if batch.frames.shape[0] != 1:
             raise ValueError(f"predict_video takes one video per batch, got {batch.frames.shape[0]}")
         if self.cfg.inference.keyframes:
-            return self._predict_from_keyframes(batch)
+            # collect_evidence, not self.frame_evidence: FSDP2 forward methods must not nest (see configure_model)
+            evidence = collect_evidence(self.segmenter, batch.query_frames[0], self._window_prompts(batch))
+            return predict_from_keyframes(self.frame_scorer, self.segmenter, evidence)
         memory = self.segmenter.new_memory(len(batch.expressions))
         logits = []
         for frame_ids, prompts in self._window_prompts(batch):
@@ -140,61 +125,21 @@ class GLUSModule(L.LightningModule):
 
     @torch.no_grad()
     def frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:
-        """Prompts, features and memoryless masks of every (expression, frame) of one video (see ``FrameEvidence``)."""
-        return self._frame_evidence(batch)
-
-    def _frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:
-        # FSDP2 forward methods must not nest: the inner call leaves the root idle and the outer one then reshards
-        # the root's weights even while strategies.gather_units holds them (a hang when ranks' video counts differ),
-        # so predict_video reaches this body directly and the public, registered frame_evidence is only an entry point
-        num_exp = len(batch.expressions)
-        prompts, levels, memoryless = [], [], []
-        for frame_ids, window_prompts in self._window_prompts(batch):
-            features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids])
-            rows = torch.arange(len(frame_ids), device=window_prompts.device).repeat(num_exp)  # expression-major
-            out = self.segmenter.segment_without_memory(features[rows], window_prompts.flatten(0, 1))
-            memoryless.append(TrackOutput(out.mask_logits.unflatten(0, (num_exp, -1))[:, :, 0],
-                                          out.iou_pred.view(num_exp, -1), out.object_score_logits.view(num_exp, -1)))
-            prompts.append(window_prompts)
-            levels.append(features.levels)
-        return FrameEvidence(
-            prompts=torch.cat(prompts, dim=1),
-            features=FrameFeatures(tuple(torch.cat(level) for level in zip(*levels)), features.pos),
-            memoryless=cat_tracks(memoryless),
-        )
-
-    def _predict_from_keyframes(self, batch: RefVOSBatch) -> Tensor:
-        if not bool(self.frame_scorer.refined):
-            raise RuntimeError(
-                "inference.keyframes=true needs a refined frame scorer, and this model's was never fitted: run "
-                "`glus refine-scores ckpt_path=...` and use the checkpoint it writes (glus fit refines it before each validation)"
-            )
-        evidence = self._frame_evidence(batch)
-        keyframes = self.frame_scorer(evidence.scorer_inputs).argmax(dim=1)
-        return self.segmenter.track_from_keyframes(evidence.features, evidence.prompts, keyframes.tolist()).mask_logits
+        """Prompts, features and memoryless masks of every (expression, frame) of one video (keyframe self-refinement)."""
+        return collect_evidence(self.segmenter, batch.query_frames[0], self._window_prompts(batch))
 
     # ---------------------------------------------------------------------------------- training
     def training_step(self, batch: RefVOSBatch, batch_idx: int) -> Tensor:
         out = self(batch)
-        bce, dice = mask_losses(out.mask_logits, batch.masks)
-        presence = presence_loss(out.object_logits, batch.masks)
-        iou = iou_prediction_loss(out.iou_pred, out.mask_logits, batch.masks, self.cfg.mask_threshold)
-        w = self.cfg.loss
-        loss = (w.ce_weight * out.lm_loss + w.bce_weight * bce + w.dice_weight * dice
-                + w.object_weight * presence + w.iou_weight * iou)
-        n = len(batch.expressions)
+        loss, terms = self.criterion(out, batch)
         if self.contrastive is not None:
-            video_keys, object_keys = expression_keys(batch)
-            contrastive = self.contrastive(out.prompts, video_keys, object_keys)
-            loss = loss + w.contrastive_weight * contrastive
-            self.log("train/contrastive", contrastive, batch_size=n)
-            self._push_contrastive_bank(out.prompts, object_keys)
-        self.log_dict({"train/ce": out.lm_loss, "train/bce": bce, "train/dice": dice, "train/object": presence,
-                       "train/iou_pred": iou}, batch_size=n)
+            self._push_contrastive_bank(out.prompts, batch)
+        n = len(batch.expressions)
+        self.log_dict({f"train/{name}": term for name, term in terms.items()}, batch_size=n)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
-    def _push_contrastive_bank(self, prompts: Tensor, object_keys: Tensor) -> None:
+    def _push_contrastive_bank(self, prompts: Tensor, batch: RefVOSBatch) -> None:
         """Push every rank's embeddings of this step, in rank order, so that the banks of all ranks stay identical.
 
         Rows are padded to a fixed capacity (ranks sample different numbers of expressions); ``all_gather`` adds a
@@ -202,6 +147,7 @@ class GLUSModule(L.LightningModule):
         ``training_step`` call) there is nothing to gather.
         """
         d = self.cfg.data
+        _, object_keys = expression_keys(batch)
         rows, keys = ObjectContrastiveHead.padded_rows(prompts, object_keys, d.batch_size * d.max_expressions * d.num_query)
         if self._trainer is not None:
             rows, keys = self.all_gather(rows), self.all_gather(keys)
@@ -217,7 +163,7 @@ class GLUSModule(L.LightningModule):
         """Boolean masks ``[T, H, W]`` per expression at the video's original size (the size of its target)."""
         logits = self.predict_video(batch)
         sizes = [batch.targets.size(e) for e in range(len(batch.targets))]
-        masks = [upsample_logits(lg.float(), size) > self.cfg.mask_threshold for lg, size in zip(logits, sizes, strict=True)]
+        masks = [masks_from_logits(lg, size, self.cfg.mask_threshold) for lg, size in zip(logits, sizes, strict=True)]
         return {"video": batch.video_ids[0], "dataset": batch.datasets[0], "expression_ids": batch.expression_ids,
                 "frame_names": batch.frame_names[0], "masks": masks}
 
@@ -233,30 +179,15 @@ class GLUSModule(L.LightningModule):
             raise ValueError(f"{len(logits)} expressions predicted, the batch has {len(batch.targets)} targets")
         for e, (lg, exp_id) in enumerate(zip(logits, batch.expression_ids, strict=True)):
             target = batch.targets.expression_target(e).bool()
-            pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > self.cfg.mask_threshold
+            pred = masks_from_logits(lg, tuple(target.shape[-2:]), self.cfg.mask_threshold)
             metric.update(pred, target, key=f"{batch.datasets[0]}/{batch.video_ids[0]}/{exp_id}")
             del target, pred
         return {"mask_logits": logits}
 
-    # FSDP2: whole weights per rank while evaluating (ranks' videos differ in length), see strategies.gather_units
-    def on_validation_epoch_start(self) -> None:
-        gather_units(self)
-
-    def on_test_epoch_start(self) -> None:
-        gather_units(self)
-
-    def on_predict_epoch_start(self) -> None:
-        gather_units(self)
-
-    def on_predict_epoch_end(self) -> None:
-        release_units(self)
-
     def on_validation_epoch_end(self) -> None:
-        release_units(self)
         self._log_scores(self.val_metric, "val")
 
     def on_test_epoch_end(self) -> None:
-        release_units(self)
         self._log_scores(self.test_metric, "test")
 
     def _log_scores(self, metric: JAndF, stage: str) -> None:
@@ -268,7 +199,12 @@ class GLUSModule(L.LightningModule):
 
     # ------------------------------------------------------------------------ scale, checkpoints
     def configure_model(self) -> None:
-        """FSDP2 (``trainer.strategy=fsdp``): shard the units, then the root, over the (nodes, GPUs) mesh."""
+        """FSDP2 (``trainer.strategy=fsdp``): shard the units, then the root, over the (nodes, GPUs) mesh.
+
+        ``predict_video`` and ``frame_evidence`` gather the root's weights as ``forward`` does; such forward methods
+        must not call each other: the inner call leaves the root idle and the outer one would then reshard the root's
+        weights even while ``strategies.gather_units`` holds them (a hang when ranks' video counts differ).
+        """
         if self.device_mesh is not None:
             shard_fsdp2(self, self.device_mesh, str(self.trainer.precision), forward_methods=("predict_video", "frame_evidence"))
 

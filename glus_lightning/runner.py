@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -9,16 +11,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.keyframe_refinement import KeyframeSelfRefinement
 from callbacks.mask_overlay import MaskOverlayLogger
+from callbacks.progress import PROGRESS_FILE, StepProgressBar, TextProgress
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.checkpoints.checkpoint_io import AtomicCheckpointIO
 from glus_lightning.checkpoints.resume import DataEpochFromLoop, LastCheckpoint, StepSeed
 from glus_lightning.config import ConfigError, to_yaml
 from glus_lightning.evaluation import EvaluationResult, write_csv
+from glus_lightning.keyframes.callback import KeyframeSelfRefinement
 from glus_lightning.module import GLUSModule
 from glus_lightning.precision import check_run_config
-from glus_lightning.strategies import build_strategy
+from glus_lightning.strategies import GatheredEvaluation, build_strategy
 
 CONFIG_FILE = "config.yaml"
 
@@ -36,6 +39,13 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int | None]:
         raise ConfigError(f"ckpt_path=last: no {cfg.run_dir}/{cfg.name}/version_*/checkpoints/last.ckpt to resume")
     last = candidates[-1]
     return str(last), int(last.parents[1].name.removeprefix("version_"))
+
+
+def quiet_dependencies() -> None:
+    """Filter, by message and origin, deprecations inside the pinned dependencies that a user cannot act on."""
+    # Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec, deprecated in torch 2.14
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 STEP_KEYS = ("val_every_n_steps", "checkpoint_every_n_steps")  # trainer keys of ours, not Lightning Trainer arguments
@@ -60,11 +70,15 @@ def build_trainer(
     cfg: DictConfig, version: int | None = None, extra_callbacks: list[L.Callback] | None = None
 ) -> tuple[L.Trainer, TensorBoardLogger]:
     """The Trainer of a run: validation every ``trainer.val_every_n_steps`` optimiser steps (the best ``val/J&F``
-    checkpoint is kept), ``last.ckpt`` every ``trainer.checkpoint_every_n_steps``, after each validation and at the end."""
+    checkpoint is kept), ``last.ckpt`` every ``trainer.checkpoint_every_n_steps``, after each validation and at the end.
+
+    Progress in optimiser steps: a bar on a terminal, else a plain-text line every ``trainer.log_every_n_steps`` steps;
+    the lines are appended to ``<log_dir>/progress.log`` either way."""
     arguments = trainer_arguments(cfg.trainer)
     logger = TensorBoardLogger(cfg.run_dir, name=cfg.name, version=version)
     log_dir = Path(logger.log_dir)
     val_every = cfg.trainer.val_every_n_steps
+    interactive = sys.stdout.isatty()
     callbacks = [
         ModelCheckpoint(dirpath=log_dir / "checkpoints", save_last=False, save_top_k=1, monitor="val/J&F", mode="max",
                         filename="step{step}-jf{val/J&F:.4f}", auto_insert_metric_name=False),
@@ -73,10 +87,14 @@ def build_trainer(
         DataEpochFromLoop(),
         StepSeed(cfg.seed),
         MaskOverlayLogger(cfg.overlay_videos),
+        GatheredEvaluation(),
+        TextProgress(cfg.trainer.log_every_n_steps, log_dir / PROGRESS_FILE, echo=not interactive),
+        *([StepProgressBar()] if interactive else []),
         *(extra_callbacks or []),
     ]
     check_run_config(cfg)
-    kwargs = {**arguments, "strategy": build_strategy(cfg.trainer)}
+    quiet_dependencies()
+    kwargs = {**arguments, "strategy": build_strategy(cfg.trainer), "enable_progress_bar": interactive}
     trainer = L.Trainer(**kwargs, plugins=[AtomicCheckpointIO()], logger=logger, callbacks=callbacks, default_root_dir=cfg.run_dir)
     return trainer, logger
 
@@ -100,7 +118,7 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     datamodule = RefVOSDataModule(cfg.data)
     model = GLUSModule(cfg, load_device=trainer.strategy.root_device)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    results = trainer.validate(model, datamodule=datamodule)
+    results = trainer.validate(model, datamodule=datamodule, weights_only=True)
     if trainer.is_global_zero:
         last, best = (next(c for c in trainer.callbacks if isinstance(c, kind)) for kind in (LastCheckpoint, ModelCheckpoint))
         print(f"\nLogs: {log_dir}  (tensorboard --logdir {cfg.run_dir})")

@@ -1,7 +1,8 @@
 """Trainer strategies by name: ``trainer.strategy`` = ddp | fsdp (FSDP2) | fsdp1 | any Lightning strategy string,
 and the FSDP rules of the model: which modules are units, in which dtypes they compute, when they are gathered.
 
-FSDP2 (``ModelParallelStrategy``) shards in ``GLUSModule.configure_model`` (``shard_fsdp2``); FSDP1
+FSDP2 (``ModelParallelStrategy``) shards in ``GLUSModule.configure_model`` (``shard_fsdp2``) and holds whole
+weights while evaluating (``GatheredEvaluation``, every run's callback); FSDP1
 (``FSDPStrategy``) wraps the same units through ``UnitPolicy``. Units (``fsdp_units``) are the "blocks" that hold
 nearly all the weights: the transformer layers of the Hugging Face models (every ``GradientCheckpointingLayer``:
 LLM decoder layers, vision-tower layers), SAM2's Hiera blocks and memory-attention layers (and the frame scorer,
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
@@ -27,7 +29,7 @@ from torch.distributed.fsdp.wrap import _Policy
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from glus_lightning.config import ConfigError
-from glus_lightning.heads.frame_scorer import FrameScorer
+from glus_lightning.keyframes.scorer import FrameScorer
 from glus_lightning.precision import fsdp_mixed_precision
 
 # FrameScorer is tiny, but as its own unit it can be called (and fitted by keyframe self-refinement) on its own
@@ -189,3 +191,26 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         release_units(module)
+
+
+class GatheredEvaluation(L.Callback):
+    """FSDP2: whole weights on every rank from the start to the end of each validation, test and predict epoch
+    (``gather_units``), since ranks evaluate different numbers of videos; a no-op without FSDP2."""
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gather_units(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        release_units(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gather_units(pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        release_units(pl_module)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gather_units(pl_module)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        release_units(pl_module)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import bitsandbytes as bnb
 import pytest
@@ -12,7 +15,8 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from glus_lightning.backbones import BACKBONES, LlavaBackbone, build_backbone
-from glus_lightning.backbones.base import IGNORE_INDEX, Conversations, MLLMBackbone
+from glus_lightning.backbones.base import MLLMBackbone
+from glus_lightning.backbones.conversation import IGNORE_INDEX, Conversations
 from glus_lightning.backbones.tiny_tokenizer import build_tiny_tokenizer
 from glus_lightning.config import ConfigError, load_group
 
@@ -292,6 +296,37 @@ def test_qlora_4bit_language_model_trains_on_cpu():
     assert lora_b and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lora_b)
     with pytest.raises(ValueError, match="4-bit"):
         bb.save_pretrained("unused")
+
+
+QUIET_IMPORTS = textwrap.dedent(
+    """
+    import sys, tempfile
+    import glus_lightning.module
+    from glus_lightning.backbones import build_backbone
+    from glus_lightning.config import compose, load_group
+    assert "bitsandbytes" not in sys.modules, "imported with glus_lightning.module"
+    build_backbone(compose().backbone).save_pretrained(tempfile.mkdtemp())  # LoRA applied, then merged
+    assert "bitsandbytes" not in sys.modules, "imported building an unquantised backbone"
+
+    import torch
+    from peft.tuners.lora.bnb import Linear4bit
+    bb = build_backbone(load_group("backbone", "llava_tiny", ["quantization.load_in_4bit=true"])).train()
+    adapted = [m for n, m in bb.hf_model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(adapted) == 2 * bb.hf_model.config.text_config.num_hidden_layers, adapted  # q_proj, v_proj
+    frames = torch.randint(0, 256, (1, 1, 3, bb.image_size, bb.image_size), dtype=torch.uint8)
+    bb.encode(frames, frames, ["red circle"], ce_only_seg=True).lm_loss.backward()
+    grads = [p.grad for n, p in bb.hf_model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    """
+)
+
+
+def test_bitsandbytes_is_imported_only_for_4bit_models():
+    """peft imports bitsandbytes when installed (seconds; a kernel warning on AVX512-BF16 CPUs): unquantised backbones
+    keep it out, and a 4-bit backbone built afterwards in the same process still gets peft's 4-bit LoRA layers.
+    In a fresh interpreter, as this one has imported bitsandbytes already."""
+    result = subprocess.run([sys.executable, "-c", QUIET_IMPORTS], check=False, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 # ---- save / load -----------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glus_lightning.cli import main
 from glus_lightning.config import compose
@@ -35,10 +37,16 @@ def test_fit_generates_data_trains_saves_config_and_checkpoints(tmp_path: Path, 
     assert ckpt["global_step"] == 3
     assert ckpt["hyper_parameters"]["config"]["data"]["root"] == str(tmp_path / "data")
     assert list(run.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    fit_jf = events.Scalars("val/J&F")[-1]  # the validation of the final model that ends `glus fit`
+    assert fit_jf.step == 3
 
-    # validate the trained weights found by ckpt_path=last, in the same run directory
-    assert main(["validate", *overrides, "ckpt_path=last"]) == 0
-    assert "val/J&F" in capsys.readouterr().out
+    # validate the trained weights found by ckpt_path=last, in the same run directory: the same model, the same score
+    assert main(["validate", *overrides, "ckpt_path=last", "--csv", str(tmp_path / "val.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "val.csv").open()))
+    overall = next(r for r in rows if r["level"] == "overall")
+    assert float(overall["J&F"]) == pytest.approx(fit_jf.value, abs=1e-5)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

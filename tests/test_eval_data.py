@@ -25,7 +25,7 @@ from datamodules.records import Expression, RecordError, decode_rle, decode_unio
 from datamodules.sampling import build_sample, plan_eval
 from datamodules.shards import write_shards
 from datamodules.targets import ObjectTargets
-from glus_lightning.losses import upsample_logits
+from glus_lightning.masks import upsample_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.module import GLUSModule
 

@@ -17,8 +17,9 @@ import torch
 from fixtures_official import write_tiny_mevis, write_tiny_ref_youtube_vos
 from PIL import Image
 
-from datamodules.converters import ConversionError, open_mevis, open_ref_youtube_vos
+from datamodules.converters import open_mevis, open_ref_youtube_vos
 from datamodules.datamodule import shard_samples
+from datamodules.formats import ConversionError
 from datamodules.prepare import prepare_synthetic
 from datamodules.records import VideoRecord
 from glus_lightning import runner
@@ -184,17 +185,30 @@ def test_bad_ground_truth_meta_or_prediction_names_the_file(mevis: tuple[Path, d
 
 def test_glus_test_on_tiny_shards_gives_j_f_and_csv(tmp_path: Path) -> None:
     prepare_synthetic(tmp_path / "data", seed=3, num_train=1, num_val=1, frames=4, size=32)
+    # every logit is above the threshold: each prediction is the whole frame, so the scores are known in advance
     cfg = compose([f"data.root={tmp_path / 'data'}", "data.num_workers=0", "data.num_context=2", "data.num_query=2",
-                   f"run_dir={tmp_path / 'runs'}"])
+                   f"run_dir={tmp_path / 'runs'}", "mask_threshold=-1e30"])
     results = runner.test(cfg, csv=tmp_path / "test.csv")
     assert set(results) == {"test/J", "test/F", "test/J&F"}
-    assert all(0.0 <= v <= 1.0 for v in results.values())
-    assert results["test/J&F"] == pytest.approx((results["test/J"] + results["test/F"]) / 2)
-    rows = list(csv.DictReader((tmp_path / "test.csv").open()))
-    expressions = [r for r in rows if r["level"] == "expression"]
     val_records = [VideoRecord.from_sample(s) for url in sorted((tmp_path / "data" / "val").glob("*.tar"))
                    for s in shard_samples(str(url), handler=lambda err: False)]
-    assert len(expressions) == sum(len(r.expressions) for r in val_records)
+    # by hand, per expression: J of a whole-frame prediction is the object's share of the frame (mean over frames);
+    # its boundary is the last row and column, more than the 1-pixel tolerance (32x32) from any object: F = 0
+    hand = {}
+    for record in val_records:
+        for expression in record.expressions:
+            target = np.stack([record.expression_mask(expression, t) for t in range(record.num_frames)]).astype(bool)
+            assert not target[:, -2:, :].any() and not target[:, :, -2:].any()
+            hand[f"{record.dataset}/{record.video}/{expression.exp_id}"] = float(np.mean(target.mean(axis=(1, 2))))
+    assert 0.0 < min(hand.values()) and len(set(np.round(list(hand.values()), 6))) == len(hand)  # not trivial, not swappable
+    assert results["test/J"] == pytest.approx(np.mean(list(hand.values())), abs=1e-6)
+    assert results["test/F"] == 0.0
+    assert results["test/J&F"] == pytest.approx(results["test/J"] / 2)
+    rows = list(csv.DictReader((tmp_path / "test.csv").open()))
+    expressions = {f"{r['video']}/{r['exp_id']}": r for r in rows if r["level"] == "expression"}
+    assert set(expressions) == set(hand)
+    for key, j in hand.items():
+        assert float(expressions[key]["J"]) == pytest.approx(j, abs=1e-6) and float(expressions[key]["F"]) == 0.0, key
     overall = next(r for r in rows if r["level"] == "overall")
     assert float(overall["J"]) == pytest.approx(results["test/J"], abs=1e-6)
     assert float(overall["F"]) == pytest.approx(results["test/F"], abs=1e-6)

@@ -1,4 +1,5 @@
-"""Keyframe propagation: every frame once, in both directions from the keyframe, under its own frame index."""
+"""Keyframe propagation: every frame once, in both directions from the keyframe, under its own frame index; keyframes
+are the frames the scorer rates best."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 from test_segmenter import frames_like, make, prompts_like
 
-from glus_lightning.segmentation.segmenter import propagation_order
+from glus_lightning.keyframes.evidence import FrameEvidence
+from glus_lightning.keyframes.propagation import pick_keyframes, propagation_order, track_from_keyframes
+from glus_lightning.keyframes.scorer import FrameScorer
+from glus_lightning.segmentation import TrackOutput
 
 T = 6
 
@@ -49,7 +53,7 @@ def reference(seg, features, prompts, keyframe):
 @pytest.mark.parametrize("keyframe", [0, 3, T - 1])
 def test_keyframe_tracks_match_separate_forward_and_backward_tracks(video, keyframe):
     seg, features, prompts = video
-    out = seg.track_from_keyframes(features, prompts, [keyframe, keyframe])
+    out = track_from_keyframes(seg, features, prompts, [keyframe, keyframe])
     expected, out_f, out_b = reference(seg, features, prompts, keyframe)
     torch.testing.assert_close(out.mask_logits, expected)
     torch.testing.assert_close(out_b.mask_logits[:, 0], out_f.mask_logits[:, 0])  # the keyframe: same both ways
@@ -60,7 +64,7 @@ def test_keyframe_tracks_match_separate_forward_and_backward_tracks(video, keyfr
 @torch.no_grad()
 def test_tracks_with_different_keyframes_each_follow_their_own(video):
     seg, features, prompts = video
-    out = seg.track_from_keyframes(features, prompts, [T - 1, 1])
+    out = track_from_keyframes(seg, features, prompts, [T - 1, 1])
     for row, keyframe in enumerate([T - 1, 1]):
         expected, _, _ = reference(seg, features, prompts[row : row + 1], keyframe)
         torch.testing.assert_close(out.mask_logits[row], expected[0])
@@ -75,3 +79,33 @@ def test_segment_without_memory_equals_a_first_step_and_keeps_nothing(video):
         first = seg.track(seg.select(features, torch.tensor([[t]])), prompts[:1, t : t + 1], frame_ids=[t])
         torch.testing.assert_close(alone.mask_logits[t, 0], first.mask_logits[0, 0])
         torch.testing.assert_close(alone.iou_pred[t], first.iou_pred[0, 0])
+
+
+def scorer_of_iou_pred(prompt_dim: int, refined: bool = True) -> FrameScorer:
+    """A scorer whose score rises with SAM2's predicted IoU alone: sigmoid(relu(iou + 10) - 10)."""
+    scorer = FrameScorer(prompt_dim, hidden=4)
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.zero_()
+        scorer.net[0].weight[0, prompt_dim] = 1.0  # input columns: normalised prompt, IoU, presence
+        scorer.net[0].bias[0] = 10.0
+        scorer.net[2].weight[0, 0] = 1.0
+        scorer.net[2].bias[0] = -10.0
+    scorer.refined.fill_(refined)
+    return scorer
+
+
+def evidence_with(iou_pred: torch.Tensor, prompt_dim: int) -> FrameEvidence:
+    e, t = iou_pred.shape
+    memoryless = TrackOutput(torch.zeros(e, t, 4, 4), iou_pred, torch.randn(e, t))
+    return FrameEvidence(torch.randn(e, t, prompt_dim), None, memoryless)
+
+
+def test_keyframes_are_the_frames_of_highest_score():
+    iou = torch.tensor([[0.1, 0.7, 0.3, -0.2, 0.5, 0.0], [0.9, 0.1, 0.2, 0.3, 0.4, 0.95], [-0.5, -0.1, -0.3, -0.9, -0.2, -0.4]])
+    assert pick_keyframes(scorer_of_iou_pred(8), evidence_with(iou, 8)) == [1, 5, 1]
+
+
+def test_an_unfitted_scorer_is_refused_with_the_command_that_fits_it():
+    with pytest.raises(RuntimeError, match="glus refine-scores"):
+        pick_keyframes(scorer_of_iou_pred(8, refined=False), evidence_with(torch.rand(2, T), 8))

@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 from test_module import first_batch, tiny_config, train_steps
 
-from glus_lightning.backbones.base import quantized_device_map
+from datamodules.datamodule import shard_samples
+from datamodules.records import VideoRecord
+from glus_lightning.backbones.loading import quantized_device_map
 from glus_lightning.config import ConfigError
 from glus_lightning.module import GLUSModule
 from glus_lightning.precision import check_run_config
@@ -89,7 +91,11 @@ def test_bf16_fit_writes_a_checkpoint_with_the_policy_dtypes(data_root: Path, tm
     assert trainer.global_step == 3
     # every validation video (per-object RLE targets) went through the precision plugin and was scored
     assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 4  # data_root: 4 val videos
-    assert "val/J&F" in trainer.callback_metrics
+    val_keys = {f"{r.dataset}/{r.video}/{e.exp_id}" for url in sorted((data_root / "val").glob("*.tar"))
+                for r in map(VideoRecord.from_sample, shard_samples(str(url), handler=lambda err: False)) for e in r.expressions}
+    assert set(model.expression_scores) == val_keys  # every expression, once
+    mean_jf = sum(s["J&F"] for s in model.expression_scores.values()) / len(val_keys)
+    assert trainer.callback_metrics["val/J&F"].item() == pytest.approx(mean_jf, abs=1e-6)
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
     assert ckpt["global_step"] == 3
     states = [s for s in trainer.optimizers[0].state.values() if "exp_avg" in s]

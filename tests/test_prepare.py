@@ -14,7 +14,8 @@ from fixtures_official import write_tiny_mevis, write_tiny_ref_youtube_vos
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from datamodules.converters import ConversionError, ConversionWarning, _string_runs, normalize_expression
+from datamodules.converters import ConversionWarning, normalize_expression
+from datamodules.formats import ConversionError, rle_string_runs
 from datamodules.prepare import configure_prepare_parser, prepare_official, run_prepare
 from datamodules.records import VideoRecord
 from datamodules.shards import Manifest
@@ -134,7 +135,7 @@ def test_rle_check_reads_runs_of_real_rles() -> None:
             flat = mask.flatten(order="F")
             bounds = np.concatenate(([0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]))
             runs = np.diff(bounds) if flat[0] == 0 else np.concatenate(([0], np.diff(bounds)))
-            np.testing.assert_array_equal(_string_runs(counts, "here"), runs)
+            np.testing.assert_array_equal(rle_string_runs(counts, "here"), runs)
 
 
 # ---------------------------------------------------------------- bad input

@@ -30,7 +30,9 @@ def test_fit_logs_validation_scores_and_overlays(tmp_path: Path) -> None:
     trainer, logger = runner.build_trainer(cfg)  # the run's real callbacks and logger; fit without the final validate
     trainer.fit(GLUSModule(cfg), datamodule=RefVOSDataModule(cfg.data))
     results = {k: v.item() for k, v in trainer.callback_metrics.items()}
-    assert results["val/J&F"] == pytest.approx((results["val/J"] + results["val/F"]) / 2)
+    scores = trainer.lightning_module.expression_scores  # J, F and J&F of each validation expression
+    for name in ("J", "F", "J&F"):  # the logged scores are the means over expressions
+        assert results[f"val/{name}"] == pytest.approx(sum(s[name] for s in scores.values()) / len(scores), abs=1e-6), name
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars, images = events.Tags()["scalars"], events.Tags()["images"]
@@ -40,6 +42,7 @@ def test_fit_logs_validation_scores_and_overlays(tmp_path: Path) -> None:
     # one strip per expression of the validation video, its frames side by side
     (shard,) = sorted((tmp_path / "data" / "val").glob("*.tar"))
     (record,) = [VideoRecord.from_sample(s) for s in shard_samples(str(shard), handler=lambda err: False)]
+    assert set(scores) == {f"{record.dataset}/{record.video}/{x.exp_id}" for x in record.expressions}  # each scored once
     assert sorted(images) == sorted(f"val_overlay/{record.video}/{e}: {x.text}" for e, x in enumerate(record.expressions))
     strip = np.asarray(Image.open(io.BytesIO(events.Images(images[0])[-1].encoded_image_string)))
     size = cfg.segmenter.image_size

@@ -1,6 +1,7 @@
 """Swappable MLLM backbones (LLaVA-1.5, Qwen2.5-VL, InternVL) behind one interface."""
 
-from .base import SEG_TOKEN, BackboneOutput, Conversations, MLLMBackbone
+from .base import BackboneOutput, MLLMBackbone
+from .conversation import SEG_TOKEN, Conversations
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
 from .qwen2_5_vl import Qwen2_5_VLBackbone

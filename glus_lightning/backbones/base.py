@@ -1,67 +1,44 @@
-"""The swappable MLLM backbone: E conversations in, answer CE and ``[SEG]`` hidden states out.
-
-One conversation per expression: the C context frames and the context instruction, then one user
-turn per query frame (its image and a query naming the expression), each answered by a sentence
-holding ``[SEG]``; answers are teacher-forced. A family subclass only says how its chat format
-looks, how its images become placeholder tokens and how its Hugging Face model is called; loading,
-``[SEG]``, LoRA, 4-bit, freezing, tokenisation, labels and the loss live here once.
-"""
+"""The swappable MLLM backbone, one class for every family: E conversations in, answer CE and ``[SEG]`` states out."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel, get_peft_model
+from omegaconf import DictConfig
 from torch import Tensor, nn
-from transformers import AutoTokenizer, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from glus_lightning.config import BackboneConfig, ConfigError
+from glus_lightning.config import BackboneConfig
 from glus_lightning.precision import torch_dtype
 
-from .adapters import language_model_lora, merged_state_dict
+from .adapters import base_model, merged_state_dict
+from .conversation import IGNORE_INDEX, SEG_TOKEN, Conversations, Part, checked_templates, padded, pick, tokenize
+from .loading import (
+    add_token,
+    checkpoint_config,
+    plain,
+    quantization_config,
+    quantized_device_map,
+    tiny_section,
+    trainable,
+)
 from .tiny_tokenizer import TinyTokens, build_tiny_tokenizer
 
-SEG_TOKEN = "[SEG]"
-IGNORE_INDEX = -100
-GRADIENT_CHECKPOINTING = {"use_reentrant": False}  # frozen embeddings: reentrant checkpoints would drop LoRA grads
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
 class BackboneOutput:
     lm_loss: Tensor  # scalar next-token CE over the labelled answer tokens
     seg_hidden: Tensor  # [E, Q, D] last-layer hidden state at the position that predicts each [SEG]
-
-
-@dataclass(frozen=True)
-class Answer:
-    """Assistant text of a conversation: its tokens are the next-token targets."""
-
-    text: str
-
-
-Part = str | Answer | list[int]  # prompt text | answer text | literal token ids (BOS, image placeholders)
-
-
-@dataclass
-class Conversations:
-    """E tokenised conversations, right-padded, with where their ``[SEG]`` tokens are."""
-
-    input_ids: Tensor  # long [E, L]
-    attention_mask: Tensor  # long [E, L]
-    labels: Tensor  # long [E, L]: IGNORE_INDEX outside the labelled answer tokens
-    seg_positions: Tensor  # long [E, Q]: index p with input_ids[e, p] == [SEG]; its hidden state is read at p - 1
-
-    def to(self, device: torch.device | str) -> Conversations:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 @dataclass
@@ -91,33 +68,15 @@ class PrefixCache:
         return Past(DynamicCache(layers), len(self.ids), self.next_position)
 
 
-def plain(node: Any) -> Any:
-    """OmegaConf nodes as plain Python containers (configs may come as dataclasses or DictConfigs)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def quantized_device_map(load_device: torch.device | None) -> dict[str, int] | None:
-    """Where 4-bit weights load: they are quantised while loading, onto the device they will run on.
-
-    ``load_device`` is the strategy's root device (``runner`` passes it): under DDP each rank's own GPU, known from
-    the cluster environment (LOCAL_RANK, SLURM_LOCALID) before Lightning sets the CUDA device, when
-    ``torch.cuda.current_device()`` is still GPU 0 on every rank. Without one: the current GPU, else the CPU.
-    """
-    if load_device is None:
-        return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-    if load_device.type != "cuda":
-        return None
-    return {"": load_device.index if load_device.index is not None else torch.cuda.current_device()}
-
-
-def tiny_section(tiny: dict[str, Any], key: str) -> Any:
-    if key not in tiny:
-        raise ConfigError(f"backbone.tiny has no {key!r} (needed to build the tiny random-init model); it has: {sorted(tiny)}")
-    return tiny[key]
-
-
 class MLLMBackbone(nn.Module, ABC):
-    """Base of the family backbones; build one with ``build_backbone(cfg)``."""
+    """Base of the family backbones; build one with ``build_backbone(cfg)``.
+
+    One conversation per expression: the C context frames and the context instruction, then one user
+    turn per query frame (its image and a query naming the expression), each answered by a sentence
+    holding ``[SEG]``; answers are teacher-forced. A family subclass only says how its chat format
+    looks, how its images become placeholder tokens and how its Hugging Face model is called; the forward,
+    the prefix cache and the loss live here once, loading in ``loading``, tokenisation in ``conversation``.
+    """
 
     family: ClassVar[str]
     model_type: ClassVar[str]  # config.json "model_type" of the family's Hugging Face checkpoints
@@ -137,7 +96,7 @@ class MLLMBackbone(nn.Module, ABC):
         super().__init__()
         self.image_size: int = cfg.image_size
         self.image_token_pool: int = cfg.image_token_pool
-        self.query_templates, self.answer_templates = _checked_templates(cfg)
+        self.query_templates, self.answer_templates = checked_templates(cfg)
         self.context_instruction: str = cfg.prompt.context_instruction
         self.quantized: bool = cfg.quantization.load_in_4bit
         if cfg.path is None:
@@ -212,122 +171,50 @@ class MLLMBackbone(nn.Module, ABC):
         cls.tiny_image_processor(model.config, cfg.image_size).save_pretrained(path)
 
     def _check_checkpoint(self, path: Path) -> None:
-        expected = f"a Hugging Face {self.family} checkpoint directory (config.json model_type {self.model_type!r})"
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            problem = "has no config.json" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"backbone.path={str(path)!r} {problem}; expected {expected}")
-        config = json.loads(config_file.read_text())
-        found = config.get("model_type")
-        if found != self.model_type:
-            raise ConfigError(
-                f"backbone.path={str(path)!r}: config.json says model_type={found!r}, "
-                f"but backbone.family={self.family!r} expects {expected}"
-            )
-        self._check_checkpoint_config(config, path)
+        self._check_checkpoint_config(checkpoint_config(path, self.family, self.model_type), path)
 
     def _load(self, path: Path, cfg: BackboneConfig | DictConfig, load_device: torch.device | None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = self.image_processor_class.from_pretrained(path)
-        quantization = self._quantization_config(cfg) if self.quantized else None
+        only_the_lm = [self.vision_module, self.projector_module, "lm_head"]  # the modules 4-bit loading leaves alone
+        quantization = quantization_config(cfg.quantization, only_the_lm) if self.quantized else None
         device_map = quantized_device_map(load_device) if self.quantized else None
         hf = self.model_class.from_pretrained(
             path, dtype=torch_dtype(cfg.dtype, "backbone.dtype"), quantization_config=quantization, device_map=device_map
         )
-        if SEG_TOKEN not in self.tokenizer.get_vocab():
-            self.tokenizer.add_tokens([SEG_TOKEN])
-        if len(self.tokenizer) > hf.get_input_embeddings().num_embeddings:
-            hf.resize_token_embeddings(len(self.tokenizer))
-        self.seg_token_id: int = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        self.seg_token_id: int = add_token(self.tokenizer, hf, SEG_TOKEN)
         self.hidden_size = hf.config.get_text_config().hidden_size
-
-        # frozen weights stay in backbone.dtype (or NF4); GLUSModule casts what trains to fp32 (precision.py), unlike
-        # peft's prepare_model_for_kbit_training, which would also upcast the frozen vision tower and LM head
-        hf.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
-        self.model: PreTrainedModel | PeftModel = (
-            get_peft_model(hf, language_model_lora(cfg.lora, self.language_model_module)) if cfg.lora.enabled else hf
-        )
-        hf.get_submodule(self.vision_module).requires_grad_(cfg.train_vision_tower)
-        for param in self.unused_vision_parameters(hf):  # never reached by the forward: trained, they idle under DDP
-            param.requires_grad_(False)
-        hf.get_submodule(self.projector_module).requires_grad_(cfg.train_projector)  # after: Qwen's sits in the tower
-        if cfg.train_embeddings:
-            hf.get_input_embeddings().requires_grad_(True)
-        if cfg.train_lm_head:
-            hf.get_output_embeddings().requires_grad_(True)
-
-    def _quantization_config(self, cfg: BackboneConfig | DictConfig) -> BitsAndBytesConfig:
-        q = cfg.quantization
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype, "backbone.quantization.compute_dtype"),
-            llm_int8_skip_modules=[self.vision_module, self.projector_module, "lm_head"],  # only the LM goes 4-bit
+        self.model: PreTrainedModel | PeftModel = trainable(
+            hf,
+            cfg,
+            language_model=self.language_model_module,
+            vision_module=self.vision_module,
+            projector_module=self.projector_module,
+            unused_vision=self.unused_vision_parameters(hf),
         )
 
     @property
     def hf_model(self) -> PreTrainedModel:
         """The Hugging Face model (LoRA layers injected in place when enabled)."""
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return base_model(self.model)
 
     # ---- conversations ------------------------------------------------------------------------
-
-    def _pick(self, templates: list[str]) -> str:
-        """Training draws a paraphrase from torch's (seeded) generator; evaluation takes the first."""
-        if not self.training or len(templates) == 1:
-            return templates[0]
-        return templates[int(torch.randint(len(templates), ()))]
-
-    def _encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def _tokenize(self, parts: list[Part], ce_only_seg: bool) -> tuple[list[int], list[int], list[int]]:
-        """Token ids, labels and the [SEG] positions, recorded while the answers are appended."""
-        ids: list[int] = []
-        labels: list[int] = []
-        seg: list[int] = []
-        for part in parts:
-            if isinstance(part, list):
-                piece, targets = part, [IGNORE_INDEX] * len(part)
-            elif isinstance(part, Answer):
-                piece = self._encode_text(part.text)
-                seg += [len(ids) + j for j, token in enumerate(piece) if token == self.seg_token_id]
-                targets = [t if t == self.seg_token_id or not ce_only_seg else IGNORE_INDEX for t in piece]
-            else:
-                piece = self._encode_text(part)
-                if self.seg_token_id in piece:
-                    raise ValueError(f"prompt text {part!r} contains {SEG_TOKEN}; only answers may (check the expression)")
-                targets = [IGNORE_INDEX] * len(piece)
-            ids += piece
-            labels += targets
-        return ids, labels, seg
 
     def build_inputs(self, expressions: list[str], num_context: int, num_query: int, ce_only_seg: bool) -> Conversations:
         """Tokenise one conversation per expression (on the CPU) and pad them into a batch."""
         rows = []
         for expression in expressions:
-            queries = [self._pick(self.query_templates).replace("{expression}", expression) for _ in range(num_query)]
-            answers = [self._pick(self.answer_templates) for _ in range(num_query)]
-            ids, labels, seg = self._tokenize(
-                self.conversation(num_context, self.context_instruction, queries, answers), ce_only_seg
-            )
+            queries = [pick(self.query_templates, self.training).replace("{expression}", expression) for _ in range(num_query)]
+            answers = [pick(self.answer_templates, self.training) for _ in range(num_query)]
+            parts = self.conversation(num_context, self.context_instruction, queries, answers)
+            ids, labels, seg = self._tokenize(parts, ce_only_seg)
             if len(seg) != num_query:
                 raise ValueError(f"expression {expression!r}: {len(seg)} {SEG_TOKEN} tokens in the answers, expected {num_query}")
             rows.append((ids, labels, seg))
-        length = max(len(ids) for ids, _, _ in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        for e, (ids, row_labels, _) in enumerate(rows):
-            input_ids[e, : len(ids)] = torch.tensor(ids)
-            attention_mask[e, : len(ids)] = 1
-            labels[e, : len(ids)] = torch.tensor(row_labels)
-        seg_positions = torch.tensor([seg for _, _, seg in rows], dtype=torch.long)
-        return Conversations(input_ids, attention_mask, labels, seg_positions)
+        return padded(rows, self.tokenizer)
+
+    def _tokenize(self, parts: list[Part], ce_only_seg: bool) -> tuple[list[int], list[int], list[int]]:
+        return tokenize(parts, self.tokenizer, self.seg_token_id, ce_only_seg)
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -409,20 +296,6 @@ class MLLMBackbone(nn.Module, ABC):
         self.image_processor.save_pretrained(path)
 
 
-def chatml(
-    system: str, image: list[int], image_sep: str, num_context: int, instruction: str, queries: list[str], answers: list[str]
-) -> list[Part]:
-    """A ChatML conversation (Qwen2.5-VL, InternVL): context images + instruction open the first user turn."""
-    parts: list[Part] = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"]
-    if num_context:
-        parts += [image, image_sep] * num_context + [f"{instruction}\n"]
-    for j, (query, answer) in enumerate(zip(queries, answers)):
-        if j:
-            parts.append("\n<|im_start|>user\n")
-        parts += [image, image_sep, f"{query}<|im_end|>\n<|im_start|>assistant\n", Answer(f"{answer}<|im_end|>")]
-    return parts
-
-
 def _after_prefix(conversations: Conversations, prefix_ids: list[int]) -> Conversations:
     """The part of each conversation after the shared prefix (which must be where the conversations start)."""
     p = len(prefix_ids)
@@ -433,19 +306,6 @@ def _after_prefix(conversations: Conversations, prefix_ids: list[int]) -> Conver
         conversations.input_ids[:, p:], conversations.attention_mask[:, p:], conversations.labels[:, p:],
         conversations.seg_positions - p,
     )
-
-
-def _checked_templates(cfg: BackboneConfig | DictConfig) -> tuple[list[str], list[str]]:
-    queries, answers = list(cfg.prompt.query_templates), list(cfg.prompt.answer_templates)
-    if not queries or not answers:
-        raise ConfigError("backbone.prompt.query_templates and answer_templates must each hold at least one template")
-    for template in queries:
-        if "{expression}" not in template:
-            raise ConfigError(f"backbone.prompt.query_templates: {template!r} has no {{expression}}")
-    for template in answers:
-        if template.count(SEG_TOKEN) != 1:
-            raise ConfigError(f"backbone.prompt.answer_templates: {template!r} must hold {SEG_TOKEN} exactly once")
-    return queries, answers
 
 
 def _check_frames(context: Tensor, query: Tensor, expressions: list[str]) -> None:

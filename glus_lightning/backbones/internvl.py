@@ -15,7 +15,9 @@ from transformers import (
 
 from glus_lightning.config import ConfigError
 
-from .base import Conversations, MLLMBackbone, Part, Past, chatml, tiny_section
+from .base import MLLMBackbone, Past
+from .conversation import Conversations, Part, chatml
+from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternViT's normalisation

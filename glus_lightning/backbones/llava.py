@@ -26,7 +26,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
-from .base import Answer, Conversations, MLLMBackbone, Part, Past, tiny_section
+from .base import MLLMBackbone, Past
+from .conversation import Answer, Conversations, Part
+from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
 
 IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"

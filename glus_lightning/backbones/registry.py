@@ -18,7 +18,7 @@ BACKBONES: dict[str, type[MLLMBackbone]] = {cls.family: cls for cls in (LlavaBac
 def build_backbone(cfg: BackboneConfig | DictConfig, load_device: torch.device | None = None) -> MLLMBackbone:
     """The backbone of ``cfg.family``: loaded from ``cfg.path``, or tiny random-init when it is None.
 
-    ``load_device``: where 4-bit (QLoRA) weights load, this rank's device (``base.quantized_device_map``).
+    ``load_device``: where 4-bit (QLoRA) weights load, this rank's device (``loading.quantized_device_map``).
     """
     if cfg.family not in BACKBONES:
         raise ConfigError(f"backbone.family={cfg.family!r} is not a family; valid: {', '.join(BACKBONES)}")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from datamodules.datamodule import resolve_shards
 from datamodules.records import Expression
-from glus_lightning.config import ConfigError, to_yaml
+from glus_lightning.config import ConfigError, compose_or_report, to_yaml
 from glus_lightning.inference.predictor import load_module, segment_video
 from glus_lightning.inference.sources import Video, read_input
 from glus_lightning.inference.submission import SUBMISSION_FORMATS, rank_and_world, write_submission, write_zip
@@ -46,8 +46,6 @@ def _check_overlay(cfg: DictConfig) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from glus_lightning.cli import compose_or_report
-
     cfg = compose_or_report("predict", args.overrides, _check_overlay)
     if cfg is None:
         return 2

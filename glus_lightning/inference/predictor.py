@@ -14,7 +14,7 @@ from datamodules.sampling import eval_context_indices, squash
 from datamodules.targets import DenseTargets
 from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
 from glus_lightning.inference.sources import Video
-from glus_lightning.losses import upsample_logits
+from glus_lightning.masks import masks_from_logits
 from glus_lightning.module import GLUSModule
 
 
@@ -62,4 +62,4 @@ def segment_video(module: GLUSModule, video: Video, expressions: list[Expression
     cfg = module.cfg
     batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size).to(module.device)
     logits = module.predict_video(batch)
-    return [(upsample_logits(lg.float(), video.size) > cfg.mask_threshold).cpu().numpy() for lg in logits]
+    return [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]

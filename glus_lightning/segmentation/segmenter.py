@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
+from sam2.modeling.sam2_utils import DropPath
 from torch import Tensor, nn
 
 from glus_lightning.config import SegmenterConfig
@@ -87,8 +88,8 @@ def _in_weight_dtype(method: Callable) -> Callable:
 class MemorySegmenter(nn.Module):
     """Wraps a ``SAM2Base`` (``self.sam``, official state-dict layout) for prompt-embedding video segmentation.
 
-    Frozen parts among the image encoder, memory attention and memory encoder stay in eval mode when the
-    segmenter trains: a frozen module is a fixed function, its dropout would only add noise.
+    Frozen parts among the image encoder, memory attention and memory encoder have their dropout and drop-path
+    rates zeroed (``without_randomness``): a frozen module is a fixed function, its dropout would only add noise.
     """
 
     def __init__(self, sam: SAM2Base) -> None:
@@ -98,13 +99,6 @@ class MemorySegmenter(nn.Module):
         self.image_size: int = sam.image_size
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True) -> MemorySegmenter:
-        super().train(mode)
-        for module in (self.sam.image_encoder, self.sam.memory_attention, self.sam.memory_encoder):
-            if mode and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
-        return self
 
     # ------------------------------------------------------------------------------------------ frames
     @property
@@ -278,53 +272,6 @@ class MemorySegmenter(nn.Module):
             object_score_logits=torch.stack([o.object_score_logits for o in outs], dim=1),
         )
 
-    def track_from_keyframes(self, features: FrameFeatures, prompts: Tensor, keyframes: Sequence[int]) -> TrackOutput:
-        """Keyframe propagation: each track starts at its keyframe with an empty memory, then runs forward to the
-        video's end and, from a copy of the memory holding only the keyframe, backward to its start.
-
-        ``features [T]`` are the video's frames, ``prompts [N, T, prompt_dim]``, ``keyframes`` one frame index per
-        track; tracks sharing a keyframe run together. Outputs are in frame order, every frame exactly once.
-        """
-        n, t = prompts.shape[:2]
-        if len(features.shape) != 1 or features.shape[0] != t or len(keyframes) != n:
-            raise ValueError(
-                f"track_from_keyframes expects features (T,), prompts (N, T, P) and N keyframes, "
-                f"got {tuple(features.shape)}, {tuple(prompts.shape)} and {len(keyframes)} keyframes"
-            )
-        outputs: list[TrackOutput | None] = [None] * n
-        for keyframe in sorted({int(k) for k in keyframes}):
-            rows = [i for i, k in enumerate(keyframes) if int(k) == keyframe]
-            forward, backward = propagation_order(t, keyframe)
-            memory = self.new_memory(len(rows))
-            ahead = self._track_frames(features, prompts[rows], memory, forward[:1])  # the keyframe, empty memory
-            behind = memory.fork()  # holds only the keyframe's memory
-            parts = [ahead, self._track_frames(features, prompts[rows], memory, forward[1:]),
-                     self._track_frames(features, prompts[rows], behind, backward)]
-            visited = torch.tensor([*forward, *backward], device=prompts.device)
-            merged = cat_tracks([p for p in parts if p is not None])
-            in_frame_order = visited.argsort()
-            for j, row in enumerate(rows):
-                outputs[row] = TrackOutput(*(getattr(merged, f.name)[j, in_frame_order] for f in fields(merged)))
-        return _stack_tracks([o for o in outputs if o is not None])
-
-    def _track_frames(self, features: FrameFeatures, prompts: Tensor, memory: MemoryBank, frame_ids: list[int]) -> TrackOutput | None:
-        """``track`` over ``frame_ids`` of the video (None when there are none) with every track on the same frames."""
-        if not frame_ids:
-            return None
-        rows = torch.tensor(frame_ids, device=prompts.device).expand(memory.batch_size, -1)
-        return self.track(self.select(features, rows), prompts[:, frame_ids], memory=memory, frame_ids=frame_ids)
-
-
-def propagation_order(num_frames: int, keyframe: int) -> tuple[list[int], list[int]]:
-    """Frames visited from ``keyframe``: forward ``[keyframe, ..., T-1]`` (keyframe first), backward ``[keyframe-1, ..., 0]``."""
-    if not 0 <= keyframe < num_frames:
-        raise ValueError(f"keyframe {keyframe} is not a frame of a {num_frames}-frame video")
-    return list(range(keyframe, num_frames)), list(range(keyframe - 1, -1, -1))
-
-
-def _stack_tracks(rows: list[TrackOutput]) -> TrackOutput:
-    return TrackOutput(*(torch.stack([getattr(r, f.name) for r in rows]) for f in fields(TrackOutput)))
-
 
 def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
     """The configured SAM2 (official architecture or the test size), official weights if set, frozen per config."""
@@ -333,4 +280,21 @@ def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
         load_official_checkpoint(sam, cfg.checkpoint, f"SAM2 {cfg.version} size {cfg.size} (max_memories {cfg.max_memories})")
     apply_freezing(sam, cfg)
     cast_frozen(sam, torch_dtype(cfg.dtype, "segmenter.dtype"))  # what trains stays fp32 (precision.py)
+    for part in (sam.image_encoder, sam.memory_attention, sam.memory_encoder):
+        if not any(p.requires_grad for p in part.parameters()):
+            without_randomness(part)
     return MemorySegmenter(sam)
+
+
+def without_randomness(module: nn.Module) -> None:
+    """Zero every dropout and drop-path rate in ``module`` (``nn.Dropout``, SAM2's attention ``dropout_p`` and
+    ``DropPath``): in training mode it then computes what it computes in eval mode, so a frozen part is a fixed function
+    without being held in eval mode (Lightning warns about eval-mode modules at fit start; every mode switch of the
+    model, e.g. after validation, would have to restore it)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        elif isinstance(sub, DropPath):
+            sub.drop_prob = 0.0
+        if isinstance(getattr(sub, "dropout_p", None), float):
+            sub.dropout_p = 0.0

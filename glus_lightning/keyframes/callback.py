@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import lightning as L
-import torch
 
 from glus_lightning.config import DataConfig, RefineConfig
+from glus_lightning.keyframes.refinement import collect_targets, fit_scorer, gather_targets, training_videos
 from glus_lightning.module import GLUSModule
-from glus_lightning.refinement import ScoreTargets, collect_targets, fit_scorer, training_videos
 from glus_lightning.strategies import gathered
 
 
@@ -52,24 +49,3 @@ class KeyframeSelfRefinement(L.Callback):
             trainer.logger.log_metrics({"refine/l1_after": stats.l1_after, "refine/keyframe_iou": stats.keyframe_iou,
                                         "refine/oracle_iou": stats.oracle_iou, "refine/first_frame_iou": stats.first_frame_iou},
                                        step=trainer.global_step)
-
-
-def gather_targets(module: L.LightningModule, targets: ScoreTargets) -> ScoreTargets:
-    """Every rank's rows in rank order (groups renumbered to stay distinct); unchanged on a single process."""
-    if module.trainer.world_size == 1:
-        return targets
-    device = module.device
-    counts = module.all_gather(torch.tensor([len(targets.targets)], device=device)).flatten().tolist()
-    most = max(counts)
-
-    def gathered(t: torch.Tensor) -> list[torch.Tensor]:
-        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
-        padded[: len(t)] = t.to(device)
-        per_rank = module.all_gather(padded).cpu()  # [world, most, ...]
-        return [per_rank[r, :n] for r, n in enumerate(counts)]
-
-    rows = {field.name: gathered(getattr(targets, field.name)) for field in fields(ScoreTargets)}
-    num_groups = module.all_gather(torch.tensor([int(targets.groups.max()) + 1], device=device)).flatten().cpu()
-    offsets = num_groups.cumsum(0) - num_groups  # groups of earlier ranks come first
-    rows["groups"] = [groups + offset for groups, offset in zip(rows["groups"], offsets, strict=True)]
-    return ScoreTargets(**{name: torch.cat(parts) for name, parts in rows.items()})

@@ -3,39 +3,32 @@
 For every (training video, expression, frame) the current model segments the frame as a keyframe would be
 segmented (empty memory), and the IoU of that mask with the ground truth becomes the scorer's target: the model's
 own quality supervises the scorer. Frames where the target object is absent get target 0, since a keyframe has to
-show the object to anchor the memory. ``glus refine-scores`` runs the loop once for a checkpoint and writes the
-targets and a checkpoint with the fitted scorer; during ``glus fit`` with ``inference.keyframes`` the
-``KeyframeSelfRefinement`` callback runs it before each validation.
+show the object to anchor the memory. ``glus refine-scores`` (``command.py``) runs the loop once for a checkpoint
+and writes the targets and a checkpoint with the fitted scorer; during ``glus fit`` with ``inference.keyframes`` the
+``KeyframeSelfRefinement`` callback (``callback.py``) runs it before each validation.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from datamodules.batch import RefVOSBatch
-from datamodules.datamodule import RefVOSDataModule, collate, resolve_shards
+from datamodules.datamodule import collate, resolve_shards
 from datamodules.sampling import build_sample, plan_eval
 from datamodules.targets import Targets
-from glus_lightning.checkpoints import state as ckpt_state
-from glus_lightning.checkpoints.checkpoint_io import atomic_torch_save, load_checkpoint
-from glus_lightning.config import ConfigError, DataConfig
-from glus_lightning.heads.frame_scorer import FrameScorer
-from glus_lightning.inference.predictor import load_module
+from glus_lightning.config import DataConfig
 from glus_lightning.inference.sources import shard_records
-from glus_lightning.losses import upsample_logits
+from glus_lightning.keyframes.scorer import FrameScorer
+from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import mask_iou
 from glus_lightning.module import GLUSModule
 
@@ -83,7 +76,7 @@ def keyframe_targets(logits: Tensor, targets: Targets, threshold: float) -> Tens
     rows = []
     for e, lg in enumerate(logits):
         target = targets.expression_target(e).bool()
-        pred = upsample_logits(lg.float(), tuple(target.shape[-2:])) > threshold
+        pred = masks_from_logits(lg, tuple(target.shape[-2:]), threshold)
         present = target.flatten(1).any(1)
         rows.append(torch.where(present.cpu(), mask_iou(pred, target).float().cpu(), 0.0))
         del target, pred
@@ -108,6 +101,27 @@ def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress
     if not inputs:
         raise ValueError("keyframe self-refinement got no training video to measure (check data.train and refine.videos)")
     return ScoreTargets(torch.cat(inputs), torch.cat(targets), torch.cat(groups), torch.cat(frames))
+
+
+def gather_targets(module: L.LightningModule, targets: ScoreTargets) -> ScoreTargets:
+    """Every rank's rows in rank order (groups renumbered to stay distinct); unchanged on a single process."""
+    if module.trainer.world_size == 1:
+        return targets
+    device = module.device
+    counts = module.all_gather(torch.tensor([len(targets.targets)], device=device)).flatten().tolist()
+    most = max(counts)
+
+    def gathered(t: torch.Tensor) -> list[torch.Tensor]:
+        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
+        padded[: len(t)] = t.to(device)
+        per_rank = module.all_gather(padded).cpu()  # [world, most, ...]
+        return [per_rank[r, :n] for r, n in enumerate(counts)]
+
+    rows = {field.name: gathered(getattr(targets, field.name)) for field in fields(ScoreTargets)}
+    num_groups = module.all_gather(torch.tensor([int(targets.groups.max()) + 1], device=device)).flatten().cpu()
+    offsets = num_groups.cumsum(0) - num_groups  # groups of earlier ranks come first
+    rows["groups"] = [groups + offset for groups, offset in zip(rows["groups"], offsets, strict=True)]
+    return ScoreTargets(**{name: torch.cat(parts) for name, parts in rows.items()})
 
 
 def training_videos(cfg: DataConfig, count: int, rank: int = 0, world_size: int = 1) -> Iterator[RefVOSBatch]:
@@ -163,67 +177,6 @@ def fit_scorer(scorer: FrameScorer, targets: ScoreTargets, steps: int, lr: float
     )
 
 
-# ---------------------------------------------------------------------------------------- command
-
-
-def configure_refine_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides; ckpt_path=... is the model to refine")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint to write (default: <ckpt_path stem>-refined.ckpt, or <run_dir>/<name>/refined.ckpt)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def default_out(cfg: DictConfig) -> Path:
-    if cfg.ckpt_path is not None:
-        ckpt = Path(cfg.ckpt_path)
-        return ckpt.with_name(f"{ckpt.stem}-refined.ckpt")
-    return Path(cfg.run_dir, cfg.name, "refined.ckpt")
-
-
-def refined_checkpoint(module: GLUSModule, ckpt_path: str | None) -> dict[str, Any]:
-    """``ckpt_path``'s checkpoint (optimizer and loops kept, so training can resume from it) with the fitted scorer;
-    without one, a weights-only checkpoint of the module's trainable state (e.g. imported published weights)."""
-    if ckpt_path is not None:
-        checkpoint = load_checkpoint(ckpt_path)
-    else:
-        checkpoint = {
-            "pytorch-lightning_version": L.__version__,
-            "hyper_parameters": {"config": OmegaConf.to_container(module.cfg, resolve=True)},
-            "state_dict": {k: v.cpu() for k, v in ckpt_state.trainable_state(module, module.state_dict()).items()},
-        }
-    checkpoint["state_dict"].update({k: v.cpu() for k, v in module.frame_scorer.state_dict(prefix="frame_scorer.").items()})
-    return checkpoint
-
-
-def _check_not_last(cfg: DictConfig) -> None:
-    if cfg.ckpt_path == "last":
-        raise ConfigError("ckpt_path=last is for resuming `glus fit`; give the checkpoint file to refine")
-
-
-def run_refine(args: argparse.Namespace) -> int:
-    """``glus refine-scores``: measure, write the targets, fit the scorer, write a checkpoint that holds it."""
-    from glus_lightning.cli import compose_or_report
-
-    cfg = compose_or_report("refine-scores", args.overrides, _check_not_last)
-    if cfg is None:
-        return 2
-    out = args.out or default_out(cfg)
-    try:
-        RefVOSDataModule(cfg.data).prepare_data()  # the built-in synthetic data is generated if missing
-        module = load_module(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-        targets = collect_targets(module, training_videos(cfg.data, cfg.refine.videos), progress=not args.no_progress)
-        targets_file = targets.save(out.with_suffix(".targets.safetensors"))
-        stats = fit_scorer(module.frame_scorer, targets, cfg.refine.steps, cfg.refine.lr)
-        atomic_torch_save(refined_checkpoint(module, cfg.ckpt_path), out)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"glus refine-scores: {err}", file=sys.stderr)
-        return 2
-    print(format_stats(stats))
-    print(f"targets: {targets_file}\ncheckpoint: {out}")
-    print(f"next: glus validate {' '.join(a for a in args.overrides if not a.startswith('ckpt_path='))} ckpt_path={out} inference.keyframes=true")
-    return 0
-
-
 def format_stats(stats: RefineStats) -> str:
     return "\n".join([
         f"scorer fitted on {stats.rows} frames of {stats.expressions} expressions",
@@ -231,4 +184,3 @@ def format_stats(stats: RefineStats) -> str:
         (f"  IoU at the keyframe it picks: {stats.keyframe_iou:.4f}  (best frame {stats.oracle_iou:.4f}, "
          f"first frame {stats.first_frame_iou:.4f})"),
     ])
-
