@@ -129,3 +129,16 @@ def test_every_trainable_parameter_gets_a_gradient(data_root: Path, freezing: tu
     model.training_step(first_batch(cfg), 0).backward()
     idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not idle
+
+
+def test_the_whole_model_trains_in_train_mode_and_the_lm_checkpoints_its_layers(data_root: Path) -> None:
+    """Hugging Face loads models in eval mode and Lightning's fit keeps modes as they are: the LM would train without
+    gradient checkpointing (and LoRA dropout), which HF applies only to modules in training mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    module = GLUSModule(tiny_config(data_root, "backbone.gradient_checkpointing=true", "backbone.lora.dropout=0.05"))
+    assert [name for name, m in module.named_modules() if not m.training] == []
+    layers = [m for m in module.backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and all(layer.gradient_checkpointing and layer.training for layer in layers)
+    lora_dropouts = [m for name, m in module.backbone.named_modules() if "lora_dropout.default" in name]
+    assert lora_dropouts and all(m.training and m.p == 0.05 for m in lora_dropouts)

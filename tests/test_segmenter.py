@@ -223,10 +223,19 @@ def test_eval_blanks_absent_objects_and_multimask_fallback_acts_only_at_eval():
     assert changed.any()
 
 
+def test_frozen_parts_train_without_randomness_and_no_module_is_held_in_eval_mode():
+    seg = make().train()  # the test size freezes the image encoder and the memory (dropout 0.1 in memory attention)
+    assert all(m.training for m in seg.modules())
+    features = seg.encode_frames(frames_like(seg, 1, 4))
+    prompts = prompts_like(seg, 1, 4)
+    with torch.no_grad():
+        runs = [(torch.manual_seed(seed), seg.track(features, prompts).mask_logits)[1] for seed in (0, 1)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
 def test_gradients_reach_prompt_and_mask_decoder_not_frozen_modules():
     seg = present_or_absent(make(), present=True).train()
     sam = seg.sam
-    assert not sam.memory_attention.training and not sam.image_encoder.training and sam.sam_mask_decoder.training
     features = seg.encode_frames(frames_like(seg, 1, 3))
     prompts = prompts_like(seg, 1, 3).requires_grad_()
     out = seg.track(features, prompts)
