@@ -60,7 +60,7 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._saved_step:  # once per step: later micro-batches of the step are past it
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint: it resumes training
         self._saved_step = trainer.global_step
         self.last_model_path = str(self.path)
 
