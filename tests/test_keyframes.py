@@ -81,9 +81,9 @@ def test_segment_without_memory_equals_a_first_step_and_keeps_nothing(video):
         torch.testing.assert_close(alone.iou_pred[t], first.iou_pred[0, 0])
 
 
-def scorer_of_iou_pred(prompt_dim: int, refined: bool = True) -> FrameScorer:
+def scorer_of_iou_pred(prompt_dim: int, refined: bool = True, hidden: int = 4) -> FrameScorer:
     """A scorer whose score rises with SAM2's predicted IoU alone: sigmoid(relu(iou + 10) - 10)."""
-    scorer = FrameScorer(prompt_dim, hidden=4)
+    scorer = FrameScorer(prompt_dim, hidden=hidden)
     with torch.no_grad():
         for p in scorer.parameters():
             p.zero_()

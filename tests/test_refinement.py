@@ -84,7 +84,7 @@ def test_scorer_learns_its_targets_and_keyframe_inference_runs(model: GLUSModule
 def test_keyframe_inference_tracks_each_expression_from_its_best_rated_frame(data_root: Path) -> None:
     torch.manual_seed(0)
     model = GLUSModule(tiny_config(data_root, "inference.window=4", "inference.keyframes=true")).eval()
-    model.frame_scorer.load_state_dict(scorer_of_iou_pred(model.segmenter.prompt_dim).state_dict())
+    model.frame_scorer.load_state_dict(scorer_of_iou_pred(model.segmenter.prompt_dim, hidden=model.cfg.refine.hidden).state_dict())
     batch = val_video(model.cfg)
     logits = model.predict_video(batch)
     evidence = model.frame_evidence(batch)
