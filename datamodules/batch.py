@@ -35,6 +35,9 @@ class RefVOSBatch:
     datasets: list[str]  # B
     video_objects: list[tuple[int, ...]]  # B: every object id of the video
     frame_names: list[list[str]]  # B lists of Q names of the query frames
+    # B (H, W): each video's original frame size, before the squash to S (backbone.image_resize=center_crop crops
+    # the original's centre square out of the squashed frame); None in batches made without it (benchmarks)
+    video_sizes: list[tuple[int, int]] | None = None
 
     @property
     def masks(self) -> list[Tensor]:

@@ -294,6 +294,7 @@ def collate(samples: list[VideoSample]) -> RefVOSBatch:
         datasets=[s.dataset for s in samples],
         video_objects=[s.object_ids for s in samples],
         frame_names=[s.query_frame_names for s in samples],
+        video_sizes=[s.targets.size(0) for s in samples],  # every sample has an expression; targets are at full size
     )
 
 

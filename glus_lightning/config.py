@@ -6,7 +6,7 @@ The dataclasses here only fix names and types: every default value lives in the 
 command line) -> the experiment's own keys -> ``dotted.key=value`` overrides.
 
 Inheritance: a file of any group may name a parent in its own group, ``defaults: {<group>: <parent>}``
-(``experiment: glus_s`` in ``conf/experiment/glus_s_qlora.yaml``, ``backbone: _prompt`` in a backbone file).
+(``experiment: glus_s`` in ``conf/experiment/glus_s_qlora.yaml``, ``segmenter: _memory`` in a segmenter file).
 The parent is composed first, recursively, and the file's keys merge onto it; an experiment inherits its
 parent's group choices too, its own ``defaults`` winning. One parent per file; a cycle or a parent that does
 not exist is a ``ConfigError`` naming the file. A file whose name starts with ``_`` is a shared fragment: a
@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-GROUPS = ("backbone", "segmenter", "data", "trainer")
+GROUPS = ("backbone", "prompt", "segmenter", "data", "trainer")
 
 
 @dataclass
@@ -47,9 +47,14 @@ class QuantizationConfig:
 
 @dataclass
 class PromptConfig:
-    context_instruction: str = MISSING
-    query_templates: list[str] = MISSING  # each holds "{expression}"
-    answer_templates: list[str] = MISSING  # each holds "[SEG]"
+    """The conversation's wording, shared by every backbone family (conf/prompt/)."""
+
+    context_instruction: str = MISSING  # after the context images, before the first query image
+    query_templates: list[str] = MISSING  # each holds "{expression}"; training draws one per query, evaluation the first
+    answer_templates: list[str] = MISSING  # each holds "[SEG]" once; drawn like the queries
+    join_context_images: bool = MISSING  # context images back to back, then "\n" (the reference); else the family's separator after each
+    strip_period: bool = MISSING  # drop one trailing "." of the expression, then surrounding whitespace
+    lowercase_expression: bool = MISSING
 
 
 @dataclass
@@ -59,15 +64,27 @@ class BackboneConfig:
     tiny: dict[str, Any] = field(default_factory=dict)  # size overrides of the tiny config
     dtype: str = MISSING
     image_size: int = MISSING  # vision tower input size
-    image_token_pool: int = MISSING  # average-pool k x k patch tokens into one (1 = off)
+    image_token_pool: str = MISSING  # "<rows>x<cols>" patch tokens averaged into one, in raster order ("1x1": off)
+    image_resize: str = MISSING  # "squash" (the whole frame) or "center_crop" (its centre square, as CLIPImageProcessor)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     train_embeddings: bool = MISSING
     train_lm_head: bool = MISSING
+    train_token_rows: str = MISSING  # "all" (the reference) or "added": only the rows of tokens added here ([SEG])
     train_projector: bool = MISSING
     train_vision_tower: bool = MISSING
     gradient_checkpointing: bool = MISSING
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class MemoryConfig:  # conf/segmenter/_memory.yaml explains each; the GLUS reference's values in glus_s_released
+    backprop: str = MISSING  # "full", "checkpointed" or "none": gradients through the memory bank
+    conditioning_frame: bool = MISSING
+    object_pointers: bool = MISSING
+    temporal_encoding: bool = MISSING
+    eval_stride: int = MISSING
+    gate_by_object_score: bool = MISSING
+    encoder_input: str = MISSING  # "raw" or "conditioned"
 
 
 @dataclass
@@ -82,6 +99,7 @@ class SegmenterConfig:
     train_memory: bool = MISSING  # memory attention + memory encoder
     train_mask_decoder: bool = MISSING
     multimask_fallback: bool = MISSING  # SAM2's stability fallback at inference
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
@@ -125,8 +143,14 @@ class LossConfig:
     dice_weight: float = MISSING
     contrastive_weight: float = MISSING
     contrastive_temperature: float = MISSING  # InfoNCE temperature on cosine similarity
-    contrastive_negatives: int = MISSING  # at most this many negatives per anchor (hard ones first, then the bank)
+    contrastive_negatives: int = MISSING  # negatives per anchor: at most this many (hard_first), exactly (uniform)
     contrastive_bank_size: int = MISSING  # FIFO bank of past [SEG] embeddings, synchronised across ranks, checkpointed
+    contrastive_positives: str = MISSING  # "batch" (every one in the batch) or "bank" (one drawn, the reference)
+    contrastive_negative_sampling: str = MISSING  # "hard_first" or "uniform_with_replacement" (the reference)
+    contrastive_min_negatives: int = MISSING  # skip an anchor with fewer negative candidates (0: never)
+    contrastive_min_anchors: int = MISSING  # the term is zero with fewer valid anchors
+    contrastive_push: str = MISSING  # "after" or "before" the loss (the reference): the step's rows enter the bank
+    contrastive_bank_sources: list[str] | None = MISSING  # datasets whose rows enter the bank; None: every dataset
     object_weight: float = MISSING  # SAM2's object-presence head (BCE: is the target non-empty in the frame)
     iou_weight: float = MISSING  # SAM2's IoU-prediction head (L1 to the IoU its mask achieves)
     ce_only_seg: bool = MISSING  # CE on [SEG] targets only (reference) or on every answer token
@@ -188,6 +212,7 @@ class GLUSConfig:
     mask_threshold: float = MISSING
     overlay_videos: int = MISSING  # validation videos drawn as mask overlays in TensorBoard
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -252,7 +277,7 @@ def _load_inherited(group: str, path: Path, chain: tuple[Path, ...] = ()) -> tup
     return OmegaConf.merge(parent_cfg, cfg), {**inherited, **choices}  # type: ignore[return-value]
 
 
-GROUP_SCHEMAS = {"backbone": BackboneConfig, "segmenter": SegmenterConfig, "data": DataConfig, "trainer": TrainerConfig}
+GROUP_SCHEMAS = {"backbone": BackboneConfig, "prompt": PromptConfig, "segmenter": SegmenterConfig, "data": DataConfig, "trainer": TrainerConfig}
 
 
 def load_group(group: str, choice: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from datamodules.batch import RefVOSBatch
 from glus_lightning.config import LossConfig
-from glus_lightning.heads.object_contrastive import ObjectContrastiveHead, expression_keys
+from glus_lightning.heads.contrastive_keys import row_keys
+from glus_lightning.heads.object_contrastive import ObjectContrastiveHead
 from glus_lightning.masks import masks_from_logits, upsample_logits
 from glus_lightning.metrics import mask_iou
 
@@ -52,8 +53,7 @@ class GLUSLoss:
             "iou_pred": iou_prediction_loss(out.iou_pred, out.mask_logits, batch.masks, self.mask_threshold),
         }
         if self.contrastive is not None:
-            video_keys, object_keys = expression_keys(batch)
-            terms["contrastive"] = self.contrastive(out.prompts, video_keys, object_keys)
+            terms["contrastive"] = self.contrastive(out.prompts, row_keys(batch))
         total = sum(self.weights[name] * term for name, term in terms.items())
         return total, terms
 

@@ -15,7 +15,9 @@ from glus_lightning.backbones import build_backbone
 from glus_lightning.backbones.base import PrefixCache
 from glus_lightning.checkpoints import state as ckpt_state
 from glus_lightning.checkpoints.importers import load_init_weights
-from glus_lightning.heads.object_contrastive import ObjectContrastiveHead, expression_keys
+from glus_lightning.heads.contrastive_keys import row_keys
+from glus_lightning.heads.contrastive_rules import ContrastiveRules
+from glus_lightning.heads.object_contrastive import ObjectContrastiveHead
 from glus_lightning.heads.seg_projection import SegProjection
 from glus_lightning.keyframes.evidence import FrameEvidence, collect_evidence
 from glus_lightning.keyframes.propagation import predict_from_keyframes
@@ -41,15 +43,15 @@ class GLUSModule(L.LightningModule):
         cfg = OmegaConf.create(config)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, load_device)
+        self.backbone = build_backbone(cfg.backbone, cfg.prompt, load_device)
         self.segmenter = build_segmenter(cfg.segmenter)
         self.seg_projection = SegProjection(self.backbone.hidden_size, self.segmenter.prompt_dim)
         w = cfg.loss
         self.contrastive: ObjectContrastiveHead | None = None  # no parameters; its bank is a buffer (checkpointed)
         if w.contrastive_weight > 0:
-            self.contrastive = ObjectContrastiveHead(
-                self.segmenter.prompt_dim, w.contrastive_bank_size, w.contrastive_negatives, w.contrastive_temperature
-            )
+            rules = ContrastiveRules.from_config(w, [source.name for source in cfg.data.train])
+            self.contrastive = ObjectContrastiveHead(self.segmenter.prompt_dim, w.contrastive_bank_size,
+                                                     w.contrastive_temperature, rules)
         self.criterion = GLUSLoss(w, cfg.mask_threshold, self.contrastive)
         # fitted by keyframe self-refinement only (keyframes/refinement.py), never by the main loss
         self.frame_scorer = FrameScorer(self.segmenter.prompt_dim, cfg.refine.hidden).requires_grad_(False)
@@ -72,8 +74,10 @@ class GLUSModule(L.LightningModule):
         ``prefix``: the cached prompt prefix of the (single) video's context frames, see ``MLLMBackbone.encode_prefix``.
         """
         ev = batch.expression_video
+        sizes = None if batch.video_sizes is None else [batch.video_sizes[b] for b in ev.tolist()]
         out = self.backbone.encode(
-            batch.context_frames[ev], query[ev], batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix
+            batch.context_frames[ev], query[ev], batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix,
+            sizes=sizes,
         )
         prompts = self.seg_projection(out.seg_hidden.to(self.seg_projection[0].weight.dtype))
         return out.lm_loss, prompts
@@ -117,7 +121,8 @@ class GLUSModule(L.LightningModule):
         window = self.cfg.inference.window
         if window < 1:
             raise ValueError(f"inference.window must be >= 1, got {window}")
-        prefix = self.backbone.encode_prefix(batch.context_frames[0]) if self.cfg.inference.kv_cache else None
+        size = None if batch.video_sizes is None else batch.video_sizes[0]
+        prefix = self.backbone.encode_prefix(batch.context_frames[0], size) if self.cfg.inference.kv_cache else None
         for start in range(0, batch.num_query, window):
             frame_ids = list(range(start, min(start + window, batch.num_query)))
             _, prompts = self.encode_window(batch, batch.query_frames[:, frame_ids], prefix)
@@ -131,8 +136,10 @@ class GLUSModule(L.LightningModule):
     # ---------------------------------------------------------------------------------- training
     def training_step(self, batch: RefVOSBatch, batch_idx: int) -> Tensor:
         out = self(batch)
+        if self.contrastive is not None and self.contrastive.rules.push == "before":
+            self._push_contrastive_bank(out.prompts, batch)  # the step's rows are candidates of its own loss
         loss, terms = self.criterion(out, batch)
-        if self.contrastive is not None:
+        if self.contrastive is not None and self.contrastive.rules.push == "after":
             self._push_contrastive_bank(out.prompts, batch)
         n = len(batch.expressions)
         self.log_dict({f"train/{name}": term for name, term in terms.items()}, batch_size=n)
@@ -143,15 +150,16 @@ class GLUSModule(L.LightningModule):
         """Push every rank's embeddings of this step, in rank order, so that the banks of all ranks stay identical.
 
         Rows are padded to a fixed capacity (ranks sample different numbers of expressions); ``all_gather`` adds a
-        leading rank dimension only with several processes, hence the reshape. Without a trainer (a bare
-        ``training_step`` call) there is nothing to gather.
+        leading rank dimension only with several processes, hence the reshapes. Without a trainer (a bare
+        ``training_step`` call) there is nothing to gather. Every rank calls this at the same point of its step
+        (``loss.contrastive_push``), so the collective pairs up whether it runs before or after the loss.
         """
         d = self.cfg.data
-        _, object_keys = expression_keys(batch)
-        rows, keys = ObjectContrastiveHead.padded_rows(prompts, object_keys, d.batch_size * d.max_expressions * d.num_query)
+        capacity = d.batch_size * d.max_expressions * d.num_query
+        rows, keys = self.contrastive.padded_rows(prompts, row_keys(batch), capacity)
         if self._trainer is not None:
             rows, keys = self.all_gather(rows), self.all_gather(keys)
-        self.contrastive.push(rows.reshape(-1, rows.shape[-1]), keys.reshape(-1))
+        self.contrastive.push(rows.reshape(-1, rows.shape[-1]), keys.reshape(-1, keys.shape[-1]))
 
     def validation_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate_video(batch, self.val_metric)

@@ -29,7 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from glus_lightning import runner
 from glus_lightning.config import compose
-from glus_lightning.heads.object_contrastive import expression_keys
+from glus_lightning.heads.contrastive_keys import row_keys
 
 
 class Recorder(L.Callback):
@@ -45,7 +45,7 @@ class Recorder(L.Callback):
         with open(self.out / f"losses.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"]), "videos": batch.video_ids,
                                 "frames": batch.frame_indices.tolist(), "expressions": batch.expressions,
-                                "object_keys": expression_keys(batch)[1].tolist(), "epoch": trainer.current_epoch,
+                                "object_keys": row_keys(batch).objects, "epoch": trainer.current_epoch,
                                 "batch": batch_idx}) + "\n")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -24,6 +24,9 @@ FAMILIES = ["llava", "qwen2_5_vl", "internvl"]
 EXPRESSIONS = ["red circle", "the big blue square moving up on the left", "two small yellow triangles"]
 
 
+PROMPT = load_group("prompt", "default")
+
+
 def tiny_cfg(family: str, *overrides: str):
     return load_group("backbone", f"{family}_tiny", list(overrides))
 
@@ -47,7 +50,7 @@ def randomize_lora(bb: MLLMBackbone) -> None:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request) -> MLLMBackbone:
-    return build_backbone(tiny_cfg(request.param)).eval()
+    return build_backbone(tiny_cfg(request.param), PROMPT).eval()
 
 
 # ---- conversations ---------------------------------------------------------------------------
@@ -58,7 +61,7 @@ def test_seg_positions_sit_in_each_answer_after_its_query_image(tiny, c):
     q = 2
     conv = tiny.build_inputs(EXPRESSIONS, c, q, ce_only_seg=False)
     image_id = tiny.hf_model.config.image_token_id
-    answer = "".join((tiny.answer_templates[0] + tiny.tokenizer.eos_token).split())
+    answer = "".join((tiny.prompt.answer_templates[0] + tiny.tokenizer.eos_token).split())
     assert conv.seg_positions.shape == (len(EXPRESSIONS), q)
     for e in range(len(EXPRESSIONS)):
         ids, pos = conv.input_ids[e], conv.seg_positions[e]
@@ -78,11 +81,11 @@ def test_seg_positions_sit_in_each_answer_after_its_query_image(tiny, c):
 
 
 def test_lisa_tokenizer_brackets_every_image(tmp_path):
-    LlavaBackbone.write_tiny_checkpoint(tiny_cfg("llava"), tmp_path)
+    LlavaBackbone.write_tiny_checkpoint(tiny_cfg("llava"), PROMPT, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)  # as LISA-7B-v1's tokenizer
     tokenizer.save_pretrained(tmp_path)
-    bb = build_backbone(tiny_cfg("llava", f"path={tmp_path}")).eval()
+    bb = build_backbone(tiny_cfg("llava", f"path={tmp_path}"), PROMPT).eval()
     ids = bb.build_inputs(EXPRESSIONS[:1], 2, 2, ce_only_seg=True).input_ids[0]
     image = ids == bb.hf_model.config.image_token_id
     first = torch.nonzero(image[1:] & ~image[:-1]).flatten() + 1
@@ -101,7 +104,7 @@ def test_ce_only_seg_labels_only_seg_targets(tiny):
     assert torch.equal(only.input_ids, every.input_ids)
     labelled = only.labels[only.labels != IGNORE_INDEX]
     assert labelled.numel() == len(EXPRESSIONS) * q and (labelled == tiny.seg_token_id).all()
-    answer_ids = tiny.tokenizer(tiny.answer_templates[0] + tiny.tokenizer.eos_token, add_special_tokens=False).input_ids
+    answer_ids = tiny.tokenizer(tiny.prompt.answer_templates[0] + tiny.tokenizer.eos_token, add_special_tokens=False).input_ids
     assert int((every.labels != IGNORE_INDEX).sum()) == len(EXPRESSIONS) * q * len(answer_ids)
     # padding is never attended nor labelled
     padded = every.attention_mask == 0
@@ -130,7 +133,7 @@ def test_paraphrases_are_drawn_in_training_from_the_seeded_generator(tiny):
 
 def reference_forward(bb: MLLMBackbone, conv: Conversations, flat_frames: torch.Tensor):
     """A plain Hugging Face forward with the HF image processor's pixels (and, for LLaVA, an
-    independent k x k pooling written into inputs_embeds)."""
+    independent rows x cols pooling written into inputs_embeds)."""
     hf = bb.hf_model
     images = list(flat_frames)
     common = {"attention_mask": conv.attention_mask, "labels": conv.labels, "output_hidden_states": True}
@@ -138,8 +141,8 @@ def reference_forward(bb: MLLMBackbone, conv: Conversations, flat_frames: torch.
         pixels = bb.image_processor(images=images, return_tensors="pt")["pixel_values"]
         tower = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[hf.config.vision_feature_layer][:, 1:]
         n, t, d = tower.shape
-        g, k = math.isqrt(t), bb.image_token_pool
-        pooled = tower.reshape(n, g // k, k, g // k, k, d).mean((2, 4)).reshape(n, -1, d)
+        g, (r, c) = math.isqrt(t), bb.image_token_pool
+        pooled = tower.reshape(n, g // r, r, g // c, c, d).mean((2, 4)).reshape(n, -1, d)
         embeds = hf.get_input_embeddings()(conv.input_ids).clone()
         embeds[conv.input_ids == hf.config.image_token_id] = hf.model.multi_modal_projector(pooled).reshape(-1, embeds.shape[-1])
         return hf(inputs_embeds=embeds, **common)
@@ -223,7 +226,7 @@ def expected_trainable(bb: MLLMBackbone, cfg, name: str, param: nn.Parameter) ->
 )
 def test_gradients_reach_exactly_the_configured_parts(family, flags):
     cfg = tiny_cfg(family, *flags)
-    bb = build_backbone(cfg).train()
+    bb = build_backbone(cfg, PROMPT).train()
     randomize_lora(bb)
     out = bb.encode(*clip(bb), EXPRESSIONS, ce_only_seg=False)
     (out.lm_loss + out.seg_hidden.square().mean()).backward()
@@ -245,7 +248,7 @@ def test_gradients_reach_exactly_the_configured_parts(family, flags):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_few_steps_lower_the_answer_loss(family):
-    bb = build_backbone(tiny_cfg(family)).train()
+    bb = build_backbone(tiny_cfg(family), PROMPT).train()
     context, query = clip(bb)
     optimizer = torch.optim.Adam([p for p in bb.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -260,7 +263,7 @@ def test_a_few_steps_lower_the_answer_loss(family):
 
 
 def test_gradient_checkpointing_changes_memory_not_gradients():
-    bb = build_backbone(tiny_cfg("llava", "gradient_checkpointing=true")).train()
+    bb = build_backbone(tiny_cfg("llava", "gradient_checkpointing=true"), PROMPT).train()
     assert bb.hf_model.is_activation_checkpointing
     randomize_lora(bb)
     context, query = clip(bb)
@@ -278,7 +281,7 @@ def test_gradient_checkpointing_changes_memory_not_gradients():
 
 
 def test_qlora_4bit_language_model_trains_on_cpu():
-    bb = build_backbone(tiny_cfg("llava", "quantization.load_in_4bit=true")).train()
+    bb = build_backbone(tiny_cfg("llava", "quantization.load_in_4bit=true"), PROMPT).train()
     modules = dict(bb.hf_model.named_modules())
     lm_linears = [
         n
@@ -305,12 +308,13 @@ QUIET_IMPORTS = textwrap.dedent(
     from glus_lightning.backbones import build_backbone
     from glus_lightning.config import compose, load_group
     assert "bitsandbytes" not in sys.modules, "imported with glus_lightning.module"
-    build_backbone(compose().backbone).save_pretrained(tempfile.mkdtemp())  # LoRA applied, then merged
+    cfg = compose()
+    build_backbone(cfg.backbone, cfg.prompt).save_pretrained(tempfile.mkdtemp())  # LoRA applied, then merged
     assert "bitsandbytes" not in sys.modules, "imported building an unquantised backbone"
 
     import torch
     from peft.tuners.lora.bnb import Linear4bit
-    bb = build_backbone(load_group("backbone", "llava_tiny", ["quantization.load_in_4bit=true"])).train()
+    bb = build_backbone(load_group("backbone", "llava_tiny", ["quantization.load_in_4bit=true"]), cfg.prompt).train()
     adapted = [m for n, m in bb.hf_model.named_modules() if isinstance(m, Linear4bit)]
     assert len(adapted) == 2 * bb.hf_model.config.text_config.num_hidden_layers, adapted  # q_proj, v_proj
     frames = torch.randint(0, 256, (1, 1, 3, bb.image_size, bb.image_size), dtype=torch.uint8)
@@ -334,7 +338,7 @@ def test_bitsandbytes_is_imported_only_for_4bit_models():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_pretrained_then_build_from_path_gives_identical_outputs(family, tmp_path):
-    bb = build_backbone(tiny_cfg(family)).eval()
+    bb = build_backbone(tiny_cfg(family), PROMPT).eval()
     randomize_lora(bb)
     context, query = clip(bb, seed=5)
     with torch.no_grad():
@@ -343,7 +347,7 @@ def test_save_pretrained_then_build_from_path_gives_identical_outputs(family, tm
             no_lora = bb.encode(context, query, EXPRESSIONS, ce_only_seg=False)
     bb.save_pretrained(tmp_path)
 
-    loaded = build_backbone(tiny_cfg(family, f"path={tmp_path}")).eval()
+    loaded = build_backbone(tiny_cfg(family, f"path={tmp_path}"), PROMPT).eval()
     assert loaded.seg_token_id == bb.seg_token_id and len(loaded.tokenizer) == len(bb.tokenizer)
     with torch.no_grad():
         after = loaded.encode(context, query, EXPRESSIONS, ce_only_seg=False)
@@ -355,25 +359,27 @@ def test_save_pretrained_then_build_from_path_gives_identical_outputs(family, tm
 def test_wrong_paths_and_families_fail_clearly(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere.*does not exist.*llava"):
-        build_backbone(tiny_cfg("llava", f"path={missing}"))
+        build_backbone(tiny_cfg("llava", f"path={missing}"), PROMPT)
 
     llava_dir = tmp_path / "llava"
-    LlavaBackbone.write_tiny_checkpoint(tiny_cfg("llava"), llava_dir)
+    LlavaBackbone.write_tiny_checkpoint(tiny_cfg("llava"), PROMPT, llava_dir)
     with pytest.raises(ConfigError, match="model_type='llava'.*family='qwen2_5_vl'"):
-        build_backbone(tiny_cfg("qwen2_5_vl", f"path={llava_dir}"))
+        build_backbone(tiny_cfg("qwen2_5_vl", f"path={llava_dir}"), PROMPT)
     with pytest.raises(ConfigError, match="image_size=64.*32"):
-        build_backbone(tiny_cfg("llava", f"path={llava_dir}", "image_size=64"))
+        build_backbone(tiny_cfg("llava", f"path={llava_dir}", "image_size=64"), PROMPT)
 
     lisa = tmp_path / "LISA-7B-v1"
     lisa.mkdir()
     (lisa / "config.json").write_text(json.dumps({"model_type": "llava", "mm_vision_tower": "openai/clip-vit-large-patch14"}))
     with pytest.raises(ConfigError, match="original LLaVA/LISA"):
-        build_backbone(tiny_cfg("llava", f"path={lisa}"))
+        build_backbone(tiny_cfg("llava", f"path={lisa}"), PROMPT)
 
     with pytest.raises(ConfigError, match="valid: llava, qwen2_5_vl, internvl"):
-        build_backbone(tiny_cfg("llava", "family=blip"))
-    with pytest.raises(ConfigError, match="exactly once"):
-        build_backbone(tiny_cfg("llava", "prompt.answer_templates=[Sure.]"))
+        build_backbone(tiny_cfg("llava", "family=blip"), PROMPT)
+    with pytest.raises(ConfigError, match=r"prompt\.answer_templates.*exactly once"):
+        build_backbone(tiny_cfg("llava"), load_group("prompt", "default", ["answer_templates=[Sure.]"]))
+    with pytest.raises(ConfigError, match=r"prompt\.query_templates.*\{expression\}"):
+        build_backbone(tiny_cfg("llava"), load_group("prompt", "default", ["query_templates=[Segment it.]"]))
     assert set(BACKBONES) == set(FAMILIES)
 
 

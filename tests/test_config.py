@@ -99,7 +99,9 @@ def test_glus_s_follows_the_reference_recipe() -> None:
 # ---------------------------------------------------------------------------------------- inheritance
 @pytest.mark.parametrize(("child", "parent", "own"), [
     ("glus_s_qlora", "glus_s", {"backbone.quantization.load_in_4bit"}),
-    ("glus_a", "glus_s", {"data.train", "trainer.max_steps"}),
+    ("glus_s_reference_contrastive", "glus_s", {*(f"loss.contrastive_{k}" for k in (
+        "positives", "negative_sampling", "min_negatives", "min_anchors", "push", "bank_sources")), "data.expression_sampling"}),
+    ("glus_a", "glus_s", {"data.train", "trainer.max_steps", "loss.contrastive_weight", "data.expression_sampling"}),
     ("glus_s_qwen2_5_vl", "glus_s", {"backbone.family", "backbone.path", "backbone.image_size", "backbone.image_token_pool"}),
     ("glus_s_internvl", "glus_s", {"backbone.family", "backbone.path", "backbone.image_size", "backbone.image_token_pool"}),
     ("glus_a_released", "glus_s_released", {"init_weights", "backbone.path", "segmenter.checkpoint"}),
@@ -111,19 +113,36 @@ def test_experiment_is_its_parent_but_for_its_own_keys(child: str, parent: str, 
 
 
 def test_experiments_of_the_recipe_share_the_contrastive_pairs_and_keyframes() -> None:
-    for experiment in ("glus_s", "glus_s_qlora", "glus_a", "glus_s_qwen2_5_vl", "glus_s_internvl"):
+    for experiment in ("glus_s", "glus_s_qlora", "glus_s_qwen2_5_vl", "glus_s_internvl"):
         cfg = compose([f"experiment={experiment}"])
         assert (cfg.loss.contrastive_weight, cfg.data.expression_sampling, cfg.inference.keyframes) == (0.1, "pairs", True)
+    cfg = compose(["experiment=glus_a"])  # the reference trains GLUS-A without the contrastive loss
+    assert (cfg.loss.contrastive_weight, cfg.data.expression_sampling, cfg.inference.keyframes) == (0.0, "uniform", True)
 
 
-def test_backbones_share_one_prompt_and_fragments_are_not_choices() -> None:
-    prompts = {c: OmegaConf.to_container(load_group("backbone", c).prompt) for c in group_choices("backbone")}
-    shared = [p for c, p in prompts.items() if c != "glus_reference"]
-    assert all(p == shared[0] for p in shared) and len(shared[0]["query_templates"]) > 1
-    assert prompts["glus_reference"] != shared[0]  # the releases' own wording
-    assert not any(c.startswith("_") for g in (*GROUPS, "experiment") for c in group_choices(g))
-    with pytest.raises(ConfigError, match=r"backbone='_prompt' is not a choice"):
-        compose(["backbone=_prompt"])
+REFERENCE_QUESTIONS = [  # the GLUS reference's SHORT_QUESTION_LIST (utils/utils.py), written out, not read from conf/
+    "Can you segment the {expression} in this frame?",
+    "Please segment the {expression} in this frame.",
+    "What is {expression} in this frame? Please respond with segmentation mask.",
+    "What is {expression} in this frame? Please output segmentation mask.",
+]
+REFERENCE_ANSWERS = ["It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."]
+
+
+def test_experiments_choose_the_prompt_and_the_released_ones_the_reference_s() -> None:
+    for experiment in group_choices("experiment"):
+        expected = "glus_reference" if experiment.endswith("_released") else "default"
+        assert compose([f"experiment={experiment}"]).prompt == load_group("prompt", expected), experiment
+    assert compose(["prompt=glus_reference"]).prompt == load_group("prompt", "glus_reference")  # or the command line
+    reference = load_group("prompt", "glus_reference")
+    assert reference.context_instruction == "Please finished the following tasks on the context frames above."
+    assert list(reference.query_templates) == REFERENCE_QUESTIONS  # the first is the reference's evaluation question
+    assert sorted(reference.answer_templates) == sorted(REFERENCE_ANSWERS)
+    assert reference.answer_templates[0] == "Sure, the segmentation result is [SEG]."  # evaluation takes the first
+    assert reference.join_context_images and reference.strip_period and reference.lowercase_expression
+    default = load_group("prompt", "default")
+    assert len(default.query_templates) > 1 and len(default.answer_templates) > 1
+    assert not (default.join_context_images or default.strip_period or default.lowercase_expression)
 
 
 @pytest.fixture
@@ -151,6 +170,18 @@ def test_inheritance_precedence(conf_copy: Path) -> None:
     assert cfg.trainer.strategy == load_group("trainer", "gpu").strategy          # the parent's choice beats demo's cpu
     assert cfg.segmenter.size == "tiny"                           # a group on the command line beats every file
     assert cfg.backbone == demo.backbone                          # the grandparent's choice and keys
+
+
+def test_shared_fragments_are_parents_not_choices(conf_copy: Path) -> None:
+    shutil.copy(conf_copy / "prompt" / "default.yaml", conf_copy / "prompt" / "_words.yaml")
+    (conf_copy / "prompt" / "mine.yaml").write_text("defaults: {prompt: _words}\ncontext_instruction: Mine.\n")
+    assert "_words" not in group_choices("prompt") and "mine" in group_choices("prompt")
+    cfg = compose(["prompt=mine"])
+    assert cfg.prompt.context_instruction == "Mine."
+    assert cfg.prompt.query_templates == load_group("prompt", "default").query_templates  # from the fragment
+    with pytest.raises(ConfigError, match=r"prompt='_words' is not a choice"):
+        compose(["prompt=_words"])
+    assert not any(c.startswith("_") for g in (*GROUPS, "experiment") for c in group_choices(g))
 
 
 def test_inheritance_cycle_names_the_files(conf_copy: Path) -> None:
@@ -197,6 +228,7 @@ def test_cli_print_config_and_error_exit(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["fit", "data.batch_size=3", "--print-config"]) == 0
     printed = OmegaConf.create(capsys.readouterr().out)
     assert printed.data.batch_size == 3 and printed.experiment == "demo"
+    assert printed.prompt == compose().prompt  # the prompt group prints as its own section
     assert main(["fit", "trainer.nope=1"]) == 2
     assert "trainer.nope" in capsys.readouterr().err
 

@@ -67,3 +67,25 @@ def test_qlora_checkpoint_exports_through_full_precision_base(data_root: Path, t
 def test_load_export_names_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a glus export: config.yaml is missing"):
         load_export(tmp_path)
+
+
+def test_a_checkpoint_saved_before_the_prompt_group_and_memory_switches_still_exports(data_root: Path, tmp_path: Path) -> None:
+    """The config layout of checkpoints written before 2026-12 (prompt under backbone, integer token pool, none of the
+    memory / token-row / contrastive-rule keys) loads as today's and computes the same masks."""
+    trained = trained_checkpoint(data_root, tmp_path / "run.ckpt", *FROZEN, steps=1)
+    checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    old = checkpoint["hyper_parameters"]["config"]
+    old["backbone"]["prompt"] = {k: old["prompt"][k] for k in ("context_instruction", "query_templates", "answer_templates")}
+    del old["prompt"]
+    assert old["backbone"]["image_token_pool"] == "2x2"
+    old["backbone"]["image_token_pool"] = 2
+    for section, key in (("backbone", "train_token_rows"), ("backbone", "image_resize"), ("segmenter", "memory"),
+                         *(("loss", k) for k in list(old["loss"]) if k.startswith("contrastive_") and k not in (
+                             "contrastive_weight", "contrastive_temperature", "contrastive_negatives", "contrastive_bank_size"))):
+        del old[section][key]
+    atomic_torch_save(checkpoint, tmp_path / "old.ckpt")
+
+    rebuilt = model_from_checkpoint(tmp_path / "old.ckpt")
+    assert rebuilt.cfg.prompt == trained.cfg.prompt and rebuilt.cfg.segmenter.memory == trained.cfg.segmenter.memory
+    batch = next(iter(RefVOSDataModule(trained.cfg.data).val_dataloader()))
+    torch.testing.assert_close(rebuilt.predict_video(batch), trained.predict_video(batch))

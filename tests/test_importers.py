@@ -146,10 +146,11 @@ def test_lisa_import_places_every_tensor_and_the_backbone_runs(tmp_path: Path) -
     # conf/backbone's path can point at it: the backbone loads, brackets images as LISA did, and runs
     cfg = load_group("backbone", "glus_reference", [f"path={tmp_path / 'out'}", "dtype=float32", f"image_size={IMAGE}",
                                                    "lora.enabled=false", "gradient_checkpointing=false"])
-    backbone = build_backbone(cfg).eval()
+    backbone = build_backbone(cfg, load_group("prompt", "glus_reference")).eval()
     assert backbone.image_placeholder[0] == backbone.tokenizer.convert_tokens_to_ids("<im_start>")
     frames = torch.randint(0, 256, (2, 3, 3, 24, 24), dtype=torch.uint8)
-    out = backbone.encode(frames[:, :1], frames[:, 1:], ["the red circle", "the blue square"], ce_only_seg=True)
+    out = backbone.encode(frames[:, :1], frames[:, 1:], ["the red circle", "the blue square"], ce_only_seg=True,
+                          sizes=[(480, 640), (720, 1280)])  # the preset crops each frame's original centre square
     assert out.seg_hidden.shape == (2, 2, D) and torch.isfinite(out.seg_hidden).all() and torch.isfinite(out.lm_loss)
 
 
@@ -172,7 +173,7 @@ def test_lisa_without_its_clip_tower_takes_a_local_clip_and_maps_an_mlp_projecto
 def test_checkpoints_of_another_kind_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(CheckpointImportError, match="nowhere: does not exist"):
         import_lisa(tmp_path / "nowhere", tmp_path / "out")
-    LlavaBackbone.write_tiny_checkpoint(load_group("backbone", "llava_tiny"), tmp_path / "hf")
+    LlavaBackbone.write_tiny_checkpoint(load_group("backbone", "llava_tiny"), load_group("prompt", "default"), tmp_path / "hf")
     with pytest.raises(CheckpointImportError, match="already a Hugging Face llava checkpoint.*point backbone.path at it"):
         import_lisa(tmp_path / "hf", tmp_path / "out")
     (tmp_path / "qwen").mkdir()

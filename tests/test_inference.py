@@ -81,7 +81,7 @@ def val_urls(cfg: DictConfig) -> list[str]:
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "internvl"])
 def test_prefix_cache_gives_the_outputs_of_the_full_conversation(family: str) -> None:
     torch.manual_seed(0)
-    bb = build_backbone(load_group("backbone", f"{family}_tiny")).eval()
+    bb = build_backbone(load_group("backbone", f"{family}_tiny"), load_group("prompt", "default")).eval()
     g = torch.Generator().manual_seed(1)
     context, other, query = (torch.randint(0, 256, (n, 3, bb.image_size, bb.image_size), generator=g, dtype=torch.uint8)
                              for n in (2, 2, 3))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_contrastive import REFERENCE_RULES
 from test_datamodule import data_cfg, signature, source, write_dataset
 from test_scale import FROZEN, ROOT, read_run, run_worker
 
@@ -45,14 +46,16 @@ def kill_at_step(out: Path, step: int, overrides: list[str]) -> None:
     assert "not resumable" not in stderr  # Lightning's warning about a loader it cannot resume mid-epoch
 
 
-def test_killed_run_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rules", [[], REFERENCE_RULES], ids=["ours", "reference"])
+def test_killed_run_resumes_exactly(data_root: Path, tmp_path: Path, rules: list[str]) -> None:
+    """With the reference's contrastive rules too: their random draws (positives, negatives) are the same on resume."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run_worker(full, overrides(data_root, full / "runs"))
+    run_worker(full, [*overrides(data_root, full / "runs"), *rules])
 
-    kill_at_step(cut, 2, overrides(data_root, cut / "runs"))
+    kill_at_step(cut, 2, [*overrides(data_root, cut / "runs"), *rules])
     assert load_checkpoint(next((cut / "runs").rglob("last.ckpt")))["global_step"] == 2
 
-    run_worker(cut, [*overrides(data_root, cut / "runs"), "ckpt_path=last"])
+    run_worker(cut, [*overrides(data_root, cut / "runs"), *rules, "ckpt_path=last"])
     (expected,), _ = read_run(full, 1)
     (got,), _ = read_run(cut, 1)  # steps 0, 1 before the kill, then 2, 3 after resuming
     assert [r["step"] for r in got] == [0, 1, 2, 3]

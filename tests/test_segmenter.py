@@ -296,3 +296,129 @@ def test_each_frame_is_encoded_once_and_select_gathers_the_right_frames():
     flat = seg.select(seg.encode_frames(frames.flatten(0, 1)), torch.tensor([[3, 4, 5], [0, 1, 2]]))
     for level, nested in zip(flat.levels, features.levels):
         torch.testing.assert_close(level, nested.flip(0), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ memory.backprop
+def saved_bytes(fn) -> tuple[object, int]:
+    """``fn()``'s result and the bytes autograd saved for its backward (what a training step holds on to)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), total
+
+
+def memory_run(backprop: str, train_memory: bool = True):
+    seg = make([f"memory.backprop={backprop}", f"train_memory={str(train_memory).lower()}"]).train()
+    features = seg.encode_frames(frames_like(seg, 2, 5, seed=3))
+    prompts = prompts_like(seg, 2, 5, seed=4).requires_grad_()
+    out, saved = saved_bytes(lambda: seg.track(features, prompts))
+    out.mask_logits[:, -1].square().mean().backward()  # the last frame's loss only
+    grads = {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
+    return out, prompts.grad, grads, saved
+
+
+def test_checkpointed_memory_gives_the_full_gradients_and_saves_less():
+    full, full_prompt_grad, full_grads, full_saved = memory_run("full")
+    ckpt, ckpt_prompt_grad, ckpt_grads, ckpt_saved = memory_run("checkpointed")
+    torch.testing.assert_close(ckpt.mask_logits, full.mask_logits)
+    torch.testing.assert_close(ckpt_prompt_grad, full_prompt_grad)
+    assert full_grads.keys() == ckpt_grads.keys() and any("memory_attention" in n for n in full_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=name)
+    assert full_prompt_grad[:, 0].abs().sum() > 0  # the last frame's loss reaches the first frame through the bank
+    assert ckpt_saved < 0.6 * full_saved, (ckpt_saved, full_saved)
+
+
+def test_no_memory_backprop_is_the_reference_detached_bank():
+    full, full_prompt_grad, _, full_saved = memory_run("full", train_memory=False)
+    none, none_prompt_grad, grads, none_saved = memory_run("none", train_memory=False)
+    torch.testing.assert_close(none.mask_logits, full.mask_logits)  # the same forward
+    assert full_prompt_grad[:, 0].abs().sum() > 0
+    assert (none_prompt_grad[:, :-1] == 0).all() and none_prompt_grad[:, -1].abs().sum() > 0  # only the frame itself
+    assert not any("memory" in n for n in grads)
+    assert none_saved < 0.6 * full_saved, (none_saved, full_saved)
+    with pytest.raises(SegmenterConfigError, match="backprop=none.*train_memory=false"):
+        make(["memory.backprop=none", "train_memory=true"])
+    with pytest.raises(ValueError, match="backprop='partial'.*full, checkpointed, none"):
+        make(["memory.backprop=partial"])
+
+
+# ------------------------------------------------------------------------------------------ memory protocol
+REFERENCE_MEMORY = ["memory.conditioning_frame=false", "memory.object_pointers=false", "memory.temporal_encoding=false",
+                    "memory.eval_stride=3", "memory.gate_by_object_score=false", "memory.encoder_input=conditioned"]
+
+
+def filled_bank(seg: MemorySegmenter, frames: list[int]):
+    features = seg.encode_frames(frames_like(seg, 1, len(frames), seed=7))[0]
+    memory = seg.new_memory(1)
+    prompts = prompts_like(seg, len(frames), seed=8)
+    for i, f in enumerate(frames):
+        seg.step(features[i : i + 1], prompts[i : i + 1], memory, f)
+    return memory
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sam2_protocol_conditions_as_sam2_itself(training, reverse):
+    seg = make(["memory.eval_stride=2"]).train(training)
+    frames = list(range(30, 17, -1)) if reverse else list(range(13))
+    with torch.no_grad():
+        memory = filled_bank(seg, frames)
+        new = 17 if reverse else 13
+        features = seg.encode_frames(frames_like(seg, 1, seed=9))
+        ours = seg._condition(features, memory, new)
+        top = features.levels[-1]
+        sam = seg.sam
+        theirs = sam._prepare_memory_conditioned_features(
+            frame_idx=new, is_init_cond_frame=False, current_vision_feats=[top.flatten(2).permute(2, 0, 1)],
+            current_vision_pos_embeds=[features.pos.flatten(2).permute(2, 0, 1)], feat_sizes=[tuple(top.shape[-2:])],
+            output_dict=memory.output_dict, num_frames=new + sam.max_obj_ptrs_in_encoder, track_in_reverse=reverse)
+    assert sam.use_obj_ptrs_in_encoder and len(memory.output_dict["cond_frame_outputs"]) == 1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_reference_protocol_attends_the_seven_nearest_strided_frames_without_pointers_or_temporal_codes():
+    seg = make(REFERENCE_MEMORY).eval()
+    with torch.no_grad():
+        memory = filled_bank(seg, list(range(25)))
+        assert not memory.output_dict["cond_frame_outputs"]  # frame 0 is a memory like the others
+        new = 25
+        features = seg.encode_frames(frames_like(seg, 1, seed=9))
+        ours = seg._condition(features, memory, new)
+        # the reference's rule, written out: frame f-1, then ((f-2)//3)*3 - 3k for k = 0..5 (7 slots), when stored
+        wanted = [new - 1] + [((new - 2) // 3) * 3 - 3 * k for k in range(6)]
+        entries = [memory.output_dict["non_cond_frame_outputs"][f] for f in reversed(wanted)]
+        sam = seg.sam
+        top = features.levels[-1]
+        by_hand = sam.memory_attention(
+            curr=[top.flatten(2).permute(2, 0, 1)], curr_pos=[features.pos.flatten(2).permute(2, 0, 1)],
+            memory=torch.cat([e["maskmem_features"].flatten(2).permute(2, 0, 1) for e in entries]),
+            memory_pos=torch.cat([e["maskmem_pos_enc"][-1].flatten(2).permute(2, 0, 1) for e in entries]),
+            num_obj_ptr_tokens=0,
+        ).permute(1, 2, 0).view_as(ours)
+    assert wanted == [24, 21, 18, 15, 12, 9, 6]
+    torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-5)
+    assert set(memory.frames) >= set(wanted)  # the bank kept what the rule reaches
+
+
+def test_reference_protocol_encodes_conditioned_features_and_never_gates():
+    seg = make(REFERENCE_MEMORY).eval()
+    features = seg.encode_frames(frames_like(seg, 1, 2, seed=3))[0]
+    with torch.no_grad():
+        torch.nn.init.constant_(seg.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias, -50.0)  # "absent" everywhere
+        memory = seg.new_memory(1)
+        prompts = prompts_like(seg, 2, seed=4)
+        seg.step(features[0:1], prompts[0:1], memory, 0)
+        pix_feat = seg._condition(features[1:2], memory, 1)
+        out = seg.step(features[1:2], prompts[1:2], memory, 1)
+        stored = memory.output_dict["non_cond_frame_outputs"][1]["maskmem_features"]
+        from_conditioned = seg._encode_memory(pix_feat, out.mask_logits, out.object_score_logits)[0]
+        from_raw = seg._encode_memory(features[1:2].levels[-1], out.mask_logits, out.object_score_logits)[0]
+    assert (out.object_score_logits < 0).all() and (out.mask_logits > -1000).all()  # not blanked although "absent"
+    torch.testing.assert_close(stored, from_conditioned)
+    assert not torch.allclose(stored, from_raw)

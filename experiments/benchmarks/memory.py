@@ -37,7 +37,8 @@ def weight_mib(backbone: str, overrides: list[str]) -> float:
         "from glus_lightning.config import compose\n"
         "from glus_lightning.backbones import build_backbone\n"
         "chosen = LLAVA_7B_SHAPE if sys.argv[2] == 'llava_7b_shape' else ['backbone=' + sys.argv[2]]\n"
-        "b = build_backbone(compose(chosen + sys.argv[3:]).backbone)\n"
+        "cfg = compose(chosen + sys.argv[3:])\n"
+        "b = build_backbone(cfg.backbone, cfg.prompt)\n"
         "n = sum(t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()])\n"
         "print(json.dumps(n / 2**20))\n"
     )

@@ -21,6 +21,12 @@ too coarse: glibc keeps freed memory and caches come and go).
 
     python experiments/benchmarks/rehearsal.py --backbone llava_7b                          # depths 1, 2; bf16 + QLoRA
     python experiments/benchmarks/rehearsal.py --backbone qwen2_5_vl_7b --vocab 32000 64000 # vocabulary fitted too
+    python experiments/benchmarks/rehearsal.py --backbone qwen2_5_vl_7b --variant lean      # with the memory switches
+
+``--variant lean`` adds ``VARIANTS["lean"]`` (only [SEG]'s embedding / LM-head rows train, memories detached as in
+the reference); its extrapolation takes slopes from its own runs where there are, else from the reference variant's
+(the switches change fixed costs, not per-layer or per-row ones). ``--one ...`` measures one run, ``--runs FILES``
+reports from saved runs.
 """
 
 from __future__ import annotations
@@ -92,13 +98,18 @@ PRESETS = {
         vocab=151674,
     ),
 }
+# --variant: the recipe as configured, or with the switches that cut training memory (docs/scaling.md)
+VARIANTS = {
+    "reference": [],
+    "lean": ["backbone.train_token_rows=added", "segmenter.memory.backprop=none"],
+}
 TOKENIZER_VOCAB = 1024  # the built-in BPE learns ~620 tokens from its corpus: the embeddings are resized to the real vocab
 EXPRESSIONS = ("the big red circle moving left", "the red circle that turns around", "the small blue square at the top")
 
 
 # ----------------------------------------------------------------------------------------------- building
-def overrides(preset: str, layers: int | None, mode: str, *, videos: int = 2, context: int = 4, query: int = 4,
-              expressions: int = 3) -> list[str]:
+def overrides(preset: str, layers: int | None, mode: str, *, variant: str = "reference", videos: int = 2, context: int = 4,
+              query: int = 4, expressions: int = 3) -> list[str]:
     """Config overrides of GLUS-S with ``preset`` at its real widths, random init, cut to ``layers`` (None: full depth)."""
     p = PRESETS[preset]
     text, vision = dict(p.text), dict(p.vision)
@@ -115,7 +126,7 @@ def overrides(preset: str, layers: int | None, mode: str, *, videos: int = 2, co
     ]
     if mode == "qlora":
         out.append("backbone.quantization.load_in_4bit=true")
-    return out
+    return out + VARIANTS[variant]
 
 
 def use_vocabulary(family: str, vocab: int, init_device: str = "cpu") -> None:
@@ -490,7 +501,7 @@ def _tensors(obj: Any, depth: int = 0) -> Iterator[Any]:
 
 def instrument(model: Any, recorder: Recorder) -> None:
     """Wrap the calls that make up each component (the same calls on every family and in training and validation)."""
-    import glus_lightning.module as module_code
+    import glus_lightning.losses as loss_code
 
     backbone = model.backbone
     hf = backbone.hf_model
@@ -501,12 +512,11 @@ def instrument(model: Any, recorder: Recorder) -> None:
     recorder.wrap(backbone, "_lm_loss", LM_HEAD)
     seg = model.segmenter
     recorder.wrap(seg, "encode_frames", SAM_ENC)
-    recorder.wrap(seg.sam, "_prepare_memory_conditioned_features", MEM_ATT)
+    recorder.wrap(seg, "_condition", MEM_ATT)
     recorder.wrap(seg.sam, "_encode_new_memory", MEM_ENC)
     recorder.wrap(seg, "_decode", DECODER)
     for name in ("mask_losses", "presence_loss", "iou_prediction_loss"):
-        if hasattr(module_code, name):
-            recorder.wrap(module_code, name, LOSSES)
+        recorder.wrap(loss_code, name, LOSSES)
     if model.contrastive is not None:
         recorder.wrap(model.contrastive, "forward", LOSSES)
     recorder.wrap(model.val_metric, "update", METRIC)
@@ -642,7 +652,7 @@ def validate_video(model: Any, batch: Any, meter: Meter) -> dict[str, Any]:
 
 
 def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, val_frames: int,
-            qlora_step: bool = False) -> dict[str, Any]:
+            qlora_step: bool = False, variant: str = "reference") -> dict[str, Any]:
     """One training step (and one validation video when ``val_frames``) at ``layers`` blocks and ``vocab`` rows.
 
     QLoRA on the CPU without ``qlora_step``: the model is built and its tensors counted, no step is run
@@ -655,7 +665,7 @@ def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, v
 
     device = torch.device(device_name)
     meter = Meter(device)
-    ov = overrides(preset, layers, mode)
+    ov = overrides(preset, layers, mode, variant=variant)
     cfg = compose(ov)
     use_vocabulary(cfg.backbone.family, vocab, init_device=device_name)
     torch.manual_seed(0)
@@ -669,7 +679,7 @@ def measure(preset: str, mode: str, layers: int, vocab: int, device_name: str, v
     tokens = model.backbone.build_inputs(batch.expressions[:1], d.num_context, d.num_query, ce_only_seg=True).input_ids.shape[1]
     optimizer = make_optimizer(model, cfg)
     result = {
-        "preset": preset, "mode": mode, "layers": layers, "vocab": model.backbone.hf_model.get_input_embeddings().num_embeddings,
+        "preset": preset, "mode": mode, "variant": variant, "layers": layers, "vocab": model.backbone.hf_model.get_input_embeddings().num_embeddings,
         "device": device_name, "overrides": ov, "build_s": build_s, "tokens_per_conversation": tokens, "loss": None,
         "parts": part_bytes(model, layers, optimizer), "train": None, "val": None, "val_frames": val_frames,
     }
@@ -738,9 +748,15 @@ class Fit:
         return "; ".join(out)
 
 
+def variant_of(run: dict[str, Any]) -> str:
+    return run.get("variant", "reference")
+
+
 def make_fit(base: dict[str, Any], pool: list[dict[str, Any]], need: str) -> Fit:
-    """Slopes from runs of ``base``'s own mode when there are, else from the other runs (the bf16 ones)."""
+    """Slopes from runs of ``base``'s own mode when there are, else from the other runs (the bf16 ones); runs of
+    ``base``'s variant first, else the reference variant's (a switch that does not change per-layer costs)."""
     has = lambda r: r[need] is not None
+    pool = sorted(pool, key=lambda r: variant_of(r) != variant_of(base))
     own = [r for r in pool if r["mode"] == base["mode"] and has(r)]
     rest = [r for r in pool if r["mode"] != base["mode"] and has(r)]
 
@@ -749,21 +765,23 @@ def make_fit(base: dict[str, Any], pool: list[dict[str, Any]], need: str) -> Fit
             cands = [r for r in runs if r[same] == base[same]]
             for a in cands:
                 for b in cands:
-                    if a["mode"] == b["mode"] and a[key] < b[key]:
+                    if a["mode"] == b["mode"] and variant_of(a) == variant_of(b) and a[key] < b[key]:
                         return a, b
         return None
 
     return Fit(base, pair("layers", "vocab"), pair("vocab", "layers"))
 
 
-def extrapolate(mode: str, runs: list[dict[str, Any]], preset: Preset) -> dict[str, Any]:
-    """Full-depth, real-vocabulary memory and component times of ``mode`` from all the runs of a preset."""
-    mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: (r["vocab"], r["layers"]))
+def extrapolate(mode: str, runs: list[dict[str, Any]], preset: Preset, variant: str = "reference") -> dict[str, Any]:
+    """Full-depth, real-vocabulary memory and component times of ``mode`` (and ``variant``) from all the runs of a preset."""
+    mine = sorted((r for r in runs if r["mode"] == mode and variant_of(r) == variant), key=lambda r: (r["vocab"], r["layers"]))
     base = mine[0]
     act_base = base if base["train"] is not None else next(  # a weights-only QLoRA run: the bf16 run's activations
-        r for r in runs if r["train"] is not None and (r["layers"], r["vocab"]) == (base["layers"], base["vocab"]))
+        r for r in sorted(runs, key=lambda r: variant_of(r) != variant)
+        if r["train"] is not None and (r["layers"], r["vocab"]) == (base["layers"], base["vocab"]))
     train_fit = make_fit(act_base, runs, "train")
-    val_base = next((r for r in mine if r["val"] is not None), None) or next((r for r in runs if r["val"] is not None), None)
+    val_base = next((r for r in mine if r["val"] is not None), None) or next(
+        (r for r in sorted(runs, key=lambda r: variant_of(r) != variant) if r["val"] is not None), None)
     val_fit = make_fit(val_base, runs, "val") if val_base else None
     L, V = preset.lm_depth, preset.vocab
     static = static_bytes(base, preset, V)
@@ -803,11 +821,11 @@ def _total(run: dict[str, Any], key: str) -> float:
     return sum(sum(p["weights"].values()) if key == "weights" else p[key] for p in run["parts"].values())
 
 
-def report(preset_name: str, mode: str, runs: list[dict[str, Any]], ext: dict[str, Any]) -> str:
+def report(preset_name: str, mode: str, runs: list[dict[str, Any]], ext: dict[str, Any], variant: str = "reference") -> str:
     preset = PRESETS[preset_name]
-    mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: (r["vocab"], r["layers"]))
+    mine = sorted((r for r in runs if r["mode"] == mode and variant_of(r) == variant), key=lambda r: (r["vocab"], r["layers"]))
     head = [f"K={r['layers']} V={r['vocab']}" for r in mine]
-    title = "QLoRA (NF4)" if mode == "qlora" else "LoRA-bf16"
+    title = ("QLoRA (NF4)" if mode == "qlora" else "LoRA-bf16") + ("" if variant == "reference" else f", {variant}")
     lines = [(f"\n=== {preset_name} x sam2_large, {title}: measured at {', '.join(head)}; extrapolated to "
              f"{preset.lm_depth} LM / {preset.vision_depth} vision layers, vocabulary {preset.vocab} ==="),
              (f"tokens per conversation (4 context + 4 query frames): {mine[0]['tokens_per_conversation']}; "
@@ -878,8 +896,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
 
 def run_child(args: argparse.Namespace, mode: str, layers: int, vocab: int, val_frames: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", args.backbone, mode, str(layers), str(vocab), "--device", args.device,
+           "--variant", args.variant,
            "--val-frames", str(val_frames), "--save-dir", str(args.save_dir), *(["--qlora-step"] if args.qlora_step else [])]
-    print(f"[rehearsal] {args.backbone} {mode} layers={layers} vocab={vocab} val_frames={val_frames}", file=sys.stderr, flush=True)
+    print(f"[rehearsal] {args.backbone} {args.variant} {mode} layers={layers} vocab={vocab} val_frames={val_frames}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -899,6 +918,8 @@ def main() -> None:
     parser.add_argument("--val-frames", type=int, default=16, help="frames of the validation video (0: none)")
     parser.add_argument("--validate-all", action="store_true", help="validate in the other modes' runs too")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variant", default="reference", choices=sorted(VARIANTS),
+                        help="the recipe as configured, or lean: " + " ".join(VARIANTS["lean"]))
     parser.add_argument("--json", type=Path, help="write every run and the extrapolations here")
     parser.add_argument("--runs", type=Path, nargs="+", help="report from the runs of earlier --json files instead of measuring")
     parser.add_argument("--save-dir", type=Path, default=Path("runs/rehearsal"),
@@ -909,9 +930,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         preset, mode, layers, vocab = args.one
-        result = measure(preset, mode, int(layers), int(vocab), args.device, args.val_frames, args.qlora_step)
+        result = measure(preset, mode, int(layers), int(vocab), args.device, args.val_frames, args.qlora_step, args.variant)
         args.save_dir.mkdir(parents=True, exist_ok=True)
-        (args.save_dir / f"{preset}-{mode}-K{layers}-V{result['vocab']}.json").write_text(json.dumps(result, default=str))
+        tag = "" if args.variant == "reference" else f"-{args.variant}"
+        (args.save_dir / f"{preset}-{mode}-K{layers}-V{result['vocab']}{tag}.json").write_text(json.dumps(result, default=str))
         print(json.dumps(result, default=str))
         return
     if args.runs:  # --json files ({"runs": [...]}) or the per-run files of --save-dir
@@ -919,14 +941,14 @@ def main() -> None:
         runs = [r for d in loaded for r in d.get("runs", [d]) if r["preset"] == args.backbone]
     else:
         runs = [run_child(args, *spec) for spec in plan(args)]
-    modes = [m for m in args.modes if any(r["mode"] == m for r in runs)]
+    modes = [m for m in args.modes if any(r["mode"] == m and variant_of(r) == args.variant for r in runs)]
     preset = PRESETS[args.backbone]
     results: dict[str, Any] = {"command": " ".join(["python", "experiments/benchmarks/rehearsal.py", *sys.argv[1:]]),
                                "runs": runs, "extrapolated": {}}
     for mode in modes:
-        ext = extrapolate(mode, runs, preset)
+        ext = extrapolate(mode, runs, preset, args.variant)
         results["extrapolated"][mode] = ext
-        print(report(args.backbone, mode, runs, ext), flush=True)
+        print(report(args.backbone, mode, runs, ext, args.variant), flush=True)
     print(f"\n{args.backbone}: extrapolated full-size training peak (tensor memory as torch.cuda.max_memory_allocated counts it)")
     for mode, e in results["extrapolated"].items():
         print(f"  {'QLoRA' if mode == 'qlora' else 'LoRA-bf16':9s} {e['train_peak'] / GIB:6.1f} GiB = weights {e['weights'] / GIB:.1f} "

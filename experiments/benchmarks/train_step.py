@@ -23,7 +23,7 @@ import sys
 import time
 
 LLAVA_7B_SHAPE = [
-    "backbone=llava_tiny", "backbone.image_size=224", "backbone.image_token_pool=2",
+    "backbone=llava_tiny", "backbone.image_size=224", "backbone.image_token_pool=2x2",
     ("backbone.tiny.text_config={hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, "
      "num_attention_heads: 32, num_key_value_heads: 32}"),
     ("backbone.tiny.vision_config={hidden_size: 1024, intermediate_size: 4096, num_hidden_layers: 24, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from glus_lightning.config import BackboneConfig
+from glus_lightning.config import BackboneConfig, ConfigError, PromptConfig
 from glus_lightning.precision import torch_dtype
 
 from .adapters import base_model, merged_state_dict
-from .conversation import IGNORE_INDEX, SEG_TOKEN, Conversations, Part, checked_templates, padded, pick, tokenize
+from .conversation import IGNORE_INDEX, SEG_TOKEN, Conversations, Part, context_parts, padded, tokenize
+from .image_resize import check_image_resize, tower_input
 from .loading import (
     add_token,
     checkpoint_config,
@@ -29,7 +31,9 @@ from .loading import (
     tiny_section,
     trainable,
 )
+from .prompt import Prompt
 from .tiny_tokenizer import TinyTokens, build_tiny_tokenizer
+from .token_rows import with_full_rows
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -69,7 +73,7 @@ class PrefixCache:
 
 
 class MLLMBackbone(nn.Module, ABC):
-    """Base of the family backbones; build one with ``build_backbone(cfg)``.
+    """Base of the family backbones; build one with ``build_backbone(cfg, prompt)``.
 
     One conversation per expression: the C context frames and the context instruction, then one user
     turn per query frame (its image and a query naming the expression), each answered by a sentence
@@ -91,17 +95,20 @@ class MLLMBackbone(nn.Module, ABC):
 
     hidden_size: int
 
-    def __init__(self, cfg: BackboneConfig | DictConfig, load_device: torch.device | None = None) -> None:
-        """``load_device``: where 4-bit weights are loaded and quantised (this rank's device, see ``quantized_device_map``)."""
+    def __init__(
+        self, cfg: BackboneConfig | DictConfig, prompt: PromptConfig | DictConfig, load_device: torch.device | None = None
+    ) -> None:
+        """``prompt``: the conversation's wording (the ``prompt`` config group). ``load_device``: where 4-bit weights
+        are loaded and quantised (this rank's device, see ``quantized_device_map``)."""
         super().__init__()
         self.image_size: int = cfg.image_size
-        self.image_token_pool: int = cfg.image_token_pool
-        self.query_templates, self.answer_templates = checked_templates(cfg)
-        self.context_instruction: str = cfg.prompt.context_instruction
+        self.image_token_pool: tuple[int, int] = _token_pool(cfg.image_token_pool)
+        self.image_resize: str = check_image_resize(cfg.image_resize)
+        self.prompt = Prompt.from_config(prompt)
         self.quantized: bool = cfg.quantization.load_in_4bit
         if cfg.path is None:
             with tempfile.TemporaryDirectory(prefix=f"glus_tiny_{self.family}_") as tmp:
-                self.write_tiny_checkpoint(cfg, tmp)
+                self.write_tiny_checkpoint(cfg, prompt, tmp)
                 self._load(Path(tmp), cfg, load_device)
         else:
             self._check_checkpoint(Path(cfg.path))
@@ -116,12 +123,13 @@ class MLLMBackbone(nn.Module, ABC):
         """How many placeholder tokens one frame's features fill."""
 
     @abstractmethod
-    def conversation(self, num_context: int, instruction: str, queries: list[str], answers: list[str]) -> list[Part]:
-        """One conversation in the family's chat format (one answer per query)."""
+    def conversation(self, num_context: int, queries: list[str], answers: list[str]) -> list[Part]:
+        """One conversation in the family's chat format (one answer per query), opened by ``self.context_parts``."""
 
     @abstractmethod
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
-        """[E, L, D] last-layer hidden states; ``frames`` uint8 [N, 3, S, S] in placeholder order.
+    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
+        """[E, L, D] last-layer hidden states; ``pixels`` the vision tower's input [N, 3, s, s] (``pixel_values``) in
+        placeholder order.
 
         With ``past`` the tokens continue its cache (their attention mask covers only themselves; see
         ``language_inputs``) and are appended to it; without, a plain forward that caches nothing.
@@ -143,6 +151,8 @@ class MLLMBackbone(nn.Module, ABC):
 
     def _check_image_config(self) -> None:
         """Raise ConfigError when image_size / image_token_pool do not fit the vision tower."""
+        if self.image_token_pool != (1, 1):
+            raise ConfigError(f"backbone.image_token_pool={pool_text(self.image_token_pool)}: {self.family} forms its own image tokens; use 1x1")
 
     def _check_checkpoint_config(self, config: dict[str, Any], path: Path) -> None:
         """Raise ConfigError for a checkpoint of the right model_type in a layout that cannot load."""
@@ -154,16 +164,11 @@ class MLLMBackbone(nn.Module, ABC):
     # ---- building -----------------------------------------------------------------------------
 
     @classmethod
-    def write_tiny_checkpoint(cls, cfg: BackboneConfig | DictConfig, path: str | Path) -> None:
-        """Write a tiny random-init checkpoint (model, tokenizer, image processor) to ``path``."""
+    def write_tiny_checkpoint(cls, cfg: BackboneConfig | DictConfig, prompt: PromptConfig | DictConfig, path: str | Path) -> None:
+        """Write a tiny random-init checkpoint (model, tokenizer, image processor) to ``path``; its tokenizer learns
+        the words of ``prompt``."""
         tiny = plain(cfg.tiny)
-        texts = [
-            cls.system_prompt,
-            cls.format_text,
-            cfg.prompt.context_instruction,
-            *(t.replace("{expression}", "") for t in cfg.prompt.query_templates),
-            *(t.replace(SEG_TOKEN, "") for t in cfg.prompt.answer_templates),
-        ]
+        texts = [cls.system_prompt, cls.format_text, *Prompt.from_config(prompt).texts()]
         tokenizer = build_tiny_tokenizer(cls.tiny_tokens, texts, tiny_section(tiny, "vocab_size"))
         model = cls.tiny_model(tokenizer, tiny, cfg.image_size)
         model.save_pretrained(path)
@@ -191,6 +196,7 @@ class MLLMBackbone(nn.Module, ABC):
             vision_module=self.vision_module,
             projector_module=self.projector_module,
             unused_vision=self.unused_vision_parameters(hf),
+            added_rows=[self.seg_token_id],
         )
 
     @property
@@ -204,62 +210,76 @@ class MLLMBackbone(nn.Module, ABC):
         """Tokenise one conversation per expression (on the CPU) and pad them into a batch."""
         rows = []
         for expression in expressions:
-            queries = [pick(self.query_templates, self.training).replace("{expression}", expression) for _ in range(num_query)]
-            answers = [pick(self.answer_templates, self.training) for _ in range(num_query)]
-            parts = self.conversation(num_context, self.context_instruction, queries, answers)
+            queries = [self.prompt.query(expression, self.training) for _ in range(num_query)]
+            answers = [self.prompt.answer(self.training) for _ in range(num_query)]
+            parts = self.conversation(num_context, queries, answers)
             ids, labels, seg = self._tokenize(parts, ce_only_seg)
             if len(seg) != num_query:
                 raise ValueError(f"expression {expression!r}: {len(seg)} {SEG_TOKEN} tokens in the answers, expected {num_query}")
             rows.append((ids, labels, seg))
         return padded(rows, self.tokenizer)
 
+    def context_parts(self, image: list[int], image_sep: str, num_context: int) -> list[Part]:
+        """The context images and the prompt's instruction, laid out as ``prompt.join_context_images`` says."""
+        return context_parts(image, image_sep, num_context, self.prompt.context_instruction, self.prompt.join_context_images)
+
     def _tokenize(self, parts: list[Part], ce_only_seg: bool) -> tuple[list[int], list[int], list[int]]:
         return tokenize(parts, self.tokenizer, self.seg_token_id, ce_only_seg)
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def pixel_values(self, frames: Tensor) -> Tensor:
-        """uint8 [N, 3, S, S] -> the vision tower's normalised input [N, 3, image_size, image_size]."""
-        x = frames.float() / 255
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    def pixel_values(self, frames: Tensor, original_sizes: list[tuple[int, int]] | None = None) -> Tensor:
+        """uint8 [N, 3, S, S] -> the vision tower's normalised input [N, 3, image_size, image_size], the whole frame or
+        its original centre square (``backbone.image_resize``, see ``image_resize``; ``original_sizes``: each frame's
+        (H, W) before the loader squashed it)."""
+        x = tower_input(frames, self.image_size, self.image_resize, original_sizes)
         mean = x.new_tensor(self.image_processor.image_mean).view(1, -1, 1, 1)
         std = x.new_tensor(self.image_processor.image_std).view(1, -1, 1, 1)
         vision_dtype = next(self.hf_model.get_submodule(self.vision_module).parameters()).dtype
         return ((x - mean) / std).to(vision_dtype)
 
     def encode(
-        self, context: Tensor, query: Tensor, expressions: list[str], ce_only_seg: bool, prefix: PrefixCache | None = None
+        self,
+        context: Tensor,
+        query: Tensor,
+        expressions: list[str],
+        ce_only_seg: bool,
+        prefix: PrefixCache | None = None,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> BackboneOutput:
         """context uint8 [E, C, 3, S, S], query uint8 [E, Q, 3, S, S]: one conversation per expression.
 
         ``prefix`` (from ``encode_prefix`` of the same context frames) skips recomputing the shared prefix:
-        only the query turns run, attending to its cache; outputs are the same as without it.
+        only the query turns run, attending to its cache; outputs are the same as without it. ``sizes``: each
+        expression's video's original (H, W), needed by ``backbone.image_resize=center_crop``.
         """
         _check_frames(context, query, expressions)
         conversations = self.build_inputs(expressions, context.shape[1], query.shape[1], ce_only_seg).to(query.device)
         if prefix is None:
-            hidden = self.last_hidden_state(conversations, torch.cat([context, query], dim=1).flatten(0, 1))
+            frames = torch.cat([context, query], dim=1)
+            hidden = self.last_hidden_state(conversations, self.pixel_values(frames.flatten(0, 1), _per_frame(sizes, frames)))
         else:
             conversations = _after_prefix(conversations, prefix.ids)
-            hidden = self.last_hidden_state(conversations, query.flatten(0, 1), prefix.past(len(expressions)))
+            pixels = self.pixel_values(query.flatten(0, 1), _per_frame(sizes, query))
+            hidden = self.last_hidden_state(conversations, pixels, prefix.past(len(expressions)))
         rows = torch.arange(len(expressions), device=hidden.device)[:, None]
         return BackboneOutput(
             lm_loss=self._lm_loss(hidden, conversations.labels),
             seg_hidden=hidden[rows, conversations.seg_positions - 1],
         )
 
-    def encode_prefix(self, context: Tensor) -> PrefixCache:
-        """The cache of the conversation prefix shared by every expression and window over ``context`` uint8 [C, 3, S, S]."""
+    def encode_prefix(self, context: Tensor, size: tuple[int, int] | None = None) -> PrefixCache:
+        """The cache of the conversation prefix shared by every expression and window over ``context`` uint8 [C, 3, S, S]
+        (``size``: the video's original (H, W), needed by ``backbone.image_resize=center_crop``)."""
         if context.dtype != torch.uint8 or context.dim() != 4 or context.shape[1] != 3:
             raise ValueError(f"context frames must be uint8 [C, 3, S, S], got {context.dtype} {tuple(context.shape)}")
-        ids, _, _ = self._tokenize(self.conversation(context.shape[0], self.context_instruction, [], []), ce_only_seg=True)
+        ids, _, _ = self._tokenize(self.conversation(context.shape[0], [], []), ce_only_seg=True)
         input_ids = torch.tensor([ids], device=context.device)
         conversations = Conversations(
             input_ids, torch.ones_like(input_ids), torch.full_like(input_ids, IGNORE_INDEX), input_ids.new_zeros(1, 0)
         )
         past = Past(DynamicCache(), 0, 0)
-        self.last_hidden_state(conversations, context, past)
+        self.last_hidden_state(conversations, self.pixel_values(context, None if size is None else [size] * len(context)), past)
         layers = [(layer.keys, layer.values) for layer in past.cache.layers]
         return PrefixCache(ids, layers, self.next_position(conversations, context.shape[0]))
 
@@ -291,7 +311,7 @@ class MLLMBackbone(nn.Module, ABC):
                 "load the trained state into a backbone built with quantization.load_in_4bit=false and save that"
             )
         hf = self.hf_model
-        hf.save_pretrained(path, state_dict=merged_state_dict(hf))
+        hf.save_pretrained(path, state_dict=with_full_rows(merged_state_dict(hf), hf))
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
 
@@ -306,6 +326,30 @@ def _after_prefix(conversations: Conversations, prefix_ids: list[int]) -> Conver
         conversations.input_ids[:, p:], conversations.attention_mask[:, p:], conversations.labels[:, p:],
         conversations.seg_positions - p,
     )
+
+
+def _token_pool(value: str) -> tuple[int, int]:
+    """``"<rows>x<cols>"`` as ``(rows, cols)``."""
+    match = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", str(value))
+    if match is None:
+        raise ConfigError(
+            f"backbone.image_token_pool={value!r}: write <rows>x<cols>, the patches averaged into one token, each >= 1 "
+            "(1x1: no pooling; 2x2: squares; 1x4: the GLUS reference's strips of 4 along a row)"
+        )
+    return int(match[1]), int(match[2])
+
+
+def pool_text(pool: tuple[int, int]) -> str:
+    return f"{pool[0]}x{pool[1]}"
+
+
+def _per_frame(sizes: list[tuple[int, int]] | None, frames: Tensor) -> list[tuple[int, int]] | None:
+    """Each expression's original size repeated for its frames (``frames`` [E, N, ...], flattened expression-major)."""
+    if sizes is None:
+        return None
+    if len(sizes) != frames.shape[0]:
+        raise ValueError(f"{len(sizes)} original sizes for {frames.shape[0]} expressions")
+    return [tuple(size) for size in sizes for _ in range(frames.shape[1])]
 
 
 def _check_frames(context: Tensor, query: Tensor, expressions: list[str]) -> None:

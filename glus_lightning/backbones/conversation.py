@@ -1,15 +1,12 @@
-"""Conversations as tokens: prompt templates, ``[SEG]`` answers, labels and padding, the same for every family."""
+"""Conversations as tokens: ``[SEG]`` answers, labels and padding, the same for every family."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
-
-from glus_lightning.config import BackboneConfig, ConfigError
 
 SEG_TOKEN = "[SEG]"
 IGNORE_INDEX = -100
@@ -37,27 +34,6 @@ class Conversations:
 
     def to(self, device: torch.device | str) -> Conversations:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
-def checked_templates(cfg: BackboneConfig | DictConfig) -> tuple[list[str], list[str]]:
-    """The query and answer templates of ``cfg.prompt``, each query naming the expression and each answer one [SEG]."""
-    queries, answers = list(cfg.prompt.query_templates), list(cfg.prompt.answer_templates)
-    if not queries or not answers:
-        raise ConfigError("backbone.prompt.query_templates and answer_templates must each hold at least one template")
-    for template in queries:
-        if "{expression}" not in template:
-            raise ConfigError(f"backbone.prompt.query_templates: {template!r} has no {{expression}}")
-    for template in answers:
-        if template.count(SEG_TOKEN) != 1:
-            raise ConfigError(f"backbone.prompt.answer_templates: {template!r} must hold {SEG_TOKEN} exactly once")
-    return queries, answers
-
-
-def pick(templates: list[str], training: bool) -> str:
-    """Training draws a paraphrase from torch's (seeded) generator; evaluation takes the first."""
-    if not training or len(templates) == 1:
-        return templates[0]
-    return templates[int(torch.randint(len(templates), ()))]
 
 
 def tokenize(parts: list[Part], tokenizer: PreTrainedTokenizerBase, seg_token_id: int, ce_only_seg: bool) -> Row:
@@ -97,13 +73,23 @@ def padded(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> Conversations
     return Conversations(input_ids, attention_mask, labels, seg_positions)
 
 
-def chatml(
-    system: str, image: list[int], image_sep: str, num_context: int, instruction: str, queries: list[str], answers: list[str]
-) -> list[Part]:
-    """A ChatML conversation (Qwen2.5-VL, InternVL): context images + instruction open the first user turn."""
-    parts: list[Part] = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"]
-    if num_context:
-        parts += [image, image_sep] * num_context + [f"{instruction}\n"]
+def context_parts(image: list[int], image_sep: str, num_context: int, instruction: str, joined: bool) -> list[Part]:
+    """The context images and the instruction that open the first user turn.
+
+    ``joined`` (``prompt.join_context_images``): the images back to back, then "\n" + instruction + "\n" as one text,
+    as the GLUS reference writes ``"<image>" * 4 + "\n" + instruction + "\n"``; else each image followed by the
+    family's separator, then the instruction.
+    """
+    if not num_context:
+        return []
+    if joined:
+        return [*[image] * num_context, f"\n{instruction}\n"]
+    return [*[image, image_sep] * num_context, f"{instruction}\n"]
+
+
+def chatml(system: str, image: list[int], image_sep: str, context: list[Part], queries: list[str], answers: list[str]) -> list[Part]:
+    """A ChatML conversation (Qwen2.5-VL, InternVL): ``context`` (``context_parts``) opens the first user turn."""
+    parts: list[Part] = [f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", *context]
     for j, (query, answer) in enumerate(zip(queries, answers)):
         if j:
             parts.append("\n<|im_start|>user\n")

@@ -15,7 +15,7 @@ from transformers import (
 
 from glus_lightning.config import ConfigError
 
-from .base import MLLMBackbone, Past
+from .base import MLLMBackbone, Past, pool_text
 from .conversation import Conversations, Part, chatml
 from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
@@ -44,20 +44,20 @@ class InternVLBackbone(MLLMBackbone):
         tower = self.hf_model.config.vision_config.image_size[0]
         if self.image_size != tower:
             raise ConfigError(f"backbone.image_size={self.image_size} but this InternVL vision tower takes {tower} px tiles")
-        if self.image_token_pool != 1:
+        if self.image_token_pool != (1, 1):
             raise ConfigError(
-                f"backbone.image_token_pool={self.image_token_pool}: InternVL pixel-shuffles its tokens itself; use 1"
+                f"backbone.image_token_pool={pool_text(self.image_token_pool)}: InternVL pixel-shuffles its tokens itself; use 1x1"
             )
 
-    def conversation(self, num_context: int, instruction: str, queries: list[str], answers: list[str]) -> list[Part]:
+    def conversation(self, num_context: int, queries: list[str], answers: list[str]) -> list[Part]:
         ids = self.tokenizer.convert_tokens_to_ids
         image = [ids("<img>"), *[self.hf_model.config.image_token_id] * self.tokens_per_image, ids("</img>")]
-        return chatml(self.system_prompt, image, "\n", num_context, instruction, queries, answers)
+        return chatml(self.system_prompt, image, "\n", self.context_parts(image, "\n", num_context), queries, answers)
 
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
+    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            pixel_values=self.pixel_values(frames),
+            pixel_values=pixels,
             **self.language_inputs(conversations, past),
         ).last_hidden_state
 

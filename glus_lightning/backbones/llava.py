@@ -1,4 +1,4 @@
-"""LLaVA-1.5 (the LISA / GLUS start point): CLIP patch tokens average-pooled k x k, vicuna v1 chat.
+"""LLaVA-1.5 (the LISA / GLUS start point): CLIP patch tokens average-pooled in rows x cols windows, vicuna v1 chat.
 
 Images are bracketed by ``<im_start>``/``<im_end>`` when the tokenizer has them, as LISA-7B-v1 was
 trained (``mm_use_im_start_end``); plain LLaVA-1.5 tokenizers have no such tokens.
@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
-from .base import MLLMBackbone, Past
+from .base import MLLMBackbone, Past, pool_text
 from .conversation import Answer, Conversations, Part
 from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
@@ -55,7 +55,8 @@ class LlavaBackbone(MLLMBackbone):
 
     @property
     def tokens_per_image(self) -> int:
-        return (self.grid // self.image_token_pool) ** 2
+        rows, cols = self.image_token_pool
+        return (self.grid // rows) * (self.grid // cols)
 
     def _check_checkpoint_config(self, config: dict[str, Any], path: Path) -> None:
         if "mm_vision_tower" in config or "vision_config" not in config:
@@ -68,9 +69,10 @@ class LlavaBackbone(MLLMBackbone):
         tower = self.hf_model.config.vision_config.image_size
         if self.image_size != tower:
             raise ConfigError(f"backbone.image_size={self.image_size} but the CLIP tower of this checkpoint takes {tower} px")
-        if self.image_token_pool < 1 or self.grid % self.image_token_pool:
+        if any(self.grid % k for k in self.image_token_pool):
             raise ConfigError(
-                f"backbone.image_token_pool={self.image_token_pool} must divide the {self.grid} x {self.grid} patch grid"
+                f"backbone.image_token_pool={pool_text(self.image_token_pool)}: rows and cols must divide the "
+                f"{self.grid} x {self.grid} patch grid"
             )
 
     @cached_property
@@ -80,11 +82,11 @@ class LlavaBackbone(MLLMBackbone):
         vocab = self.tokenizer.get_vocab()
         return [vocab[IMAGE_START], *image, vocab[IMAGE_END]] if IMAGE_START in vocab and IMAGE_END in vocab else image
 
-    def conversation(self, num_context: int, instruction: str, queries: list[str], answers: list[str]) -> list[Part]:
+    def conversation(self, num_context: int, queries: list[str], answers: list[str]) -> list[Part]:
+        """llava_v1: ``system USER: <context><image>\\n{query} ASSISTANT: {answer}</s>USER: <image>\\n{query} ...``."""
         image = self.image_placeholder
         parts: list[Part] = [[self.tokenizer.bos_token_id], f"{self.system_prompt} USER: "]
-        if num_context:
-            parts += [image, "\n"] * num_context + [f"{instruction}\n"]
+        parts += self.context_parts(image, "\n", num_context)
         for j, (query, answer) in enumerate(zip(queries, answers)):
             if j:
                 parts.append("USER: ")
@@ -100,7 +102,10 @@ class LlavaBackbone(MLLMBackbone):
         return [*tower.post_layernorm.parameters(), *(p for layer in tower.encoder.layers[used:] for p in layer.parameters())]
 
     def image_features(self, pixels: Tensor) -> Tensor:
-        """[N, tokens_per_image, D]: selected CLIP layer, CLS dropped, k x k average pool, projector."""
+        """[N, tokens_per_image, D]: selected CLIP layer, CLS dropped, rows x cols average pool, projector.
+
+        Windows tile the patch grid in raster order, so a 1 x k window is ``AvgPool1d(k)`` over the row-major patch
+        sequence, the GLUS reference's pooling (its llava_arch.py: 1x4) when k divides the grid's width."""
         model = self.hf_model.model
         config = self.hf_model.config
         layers = config.vision_feature_layer
@@ -111,11 +116,11 @@ class LlavaBackbone(MLLMBackbone):
         n, tokens, dim = feats.shape
         side = math.isqrt(tokens)
         grid = feats.transpose(1, 2).reshape(n, dim, side, side)
-        pooled = F.avg_pool2d(grid, self.image_token_pool).flatten(2).transpose(1, 2)
+        pooled = F.avg_pool2d(grid, kernel_size=self.image_token_pool).flatten(2).transpose(1, 2)
         return model.multi_modal_projector(pooled)
 
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
-        features = self.image_features(self.pixel_values(frames))
+    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
+        features = self.image_features(pixels)
         return self.hf_model.model(
             input_ids=conversations.input_ids,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},

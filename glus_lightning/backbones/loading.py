@@ -16,10 +16,12 @@ from glus_lightning.config import BackboneConfig, ConfigError, QuantizationConfi
 from glus_lightning.precision import torch_dtype
 
 from .adapters import with_lora
+from .token_rows import train_only_rows
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
+TOKEN_ROWS = ("all", "added")
 GRADIENT_CHECKPOINTING = {"use_reentrant": False}  # frozen embeddings: reentrant checkpoints would drop LoRA grads
 
 
@@ -100,23 +102,39 @@ def trainable(
     vision_module: str,
     projector_module: str,
     unused_vision: list[nn.Parameter],
+    added_rows: list[int],
 ) -> PreTrainedModel | PeftModel:
     """``hf`` with only the parts ``cfg`` trains left trainable: LoRA on ``language_model`` (wrapped by peft when
-    enabled), the vision tower less ``unused_vision`` (parameters the forward never reaches), projector, embeddings.
+    enabled), the vision tower less ``unused_vision`` (parameters the forward never reaches), projector, embeddings
+    and LM head (every row, or only ``added_rows``, the ids of the tokens added here, per ``train_token_rows``).
 
     Frozen weights stay in backbone.dtype (or NF4); GLUSModule casts what trains to fp32 (precision.py), unlike
     peft's prepare_model_for_kbit_training, which would also upcast the frozen vision tower and LM head.
     """
     hf.requires_grad_(False)
+    # Hugging Face's checkpointing and peft each make every input embedding's output require grad (for reentrant
+    # checkpoints, which we do not use): a frozen vision tower then keeps each block's input for a backward that
+    # changes nothing (120 MiB per block at Qwen2.5-VL-7B's shapes). Each call's hooks are removed right after it,
+    # so only what trains, or feeds what trains, keeps a graph.
     if cfg.gradient_checkpointing:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
+        hf.disable_input_require_grads()
     model = with_lora(hf, cfg.lora, language_model, cfg.quantization.load_in_4bit) if cfg.lora.enabled else hf
+    hf.disable_input_require_grads()
     hf.get_submodule(vision_module).requires_grad_(cfg.train_vision_tower)
     for param in unused_vision:  # never reached by the forward: trained, they idle under DDP
         param.requires_grad_(False)
     hf.get_submodule(projector_module).requires_grad_(cfg.train_projector)  # after: Qwen's sits in the tower
-    if cfg.train_embeddings:
-        hf.get_input_embeddings().requires_grad_(True)
-    if cfg.train_lm_head:
-        hf.get_output_embeddings().requires_grad_(True)
+    if cfg.train_token_rows not in TOKEN_ROWS:
+        raise ConfigError(f"backbone.train_token_rows={cfg.train_token_rows!r} is not valid; valid: {', '.join(TOKEN_ROWS)}")
+    if cfg.train_token_rows == "added" and (cfg.train_embeddings or cfg.train_lm_head):
+        if not (cfg.train_embeddings and cfg.train_lm_head):
+            raise ConfigError("backbone.train_token_rows=added trains the added rows of both the embeddings and the LM head: "
+                              "set train_embeddings and train_lm_head both true (or both false)")
+        train_only_rows(hf, added_rows)
+    else:
+        if cfg.train_embeddings:
+            hf.get_input_embeddings().requires_grad_(True)
+        if cfg.train_lm_head:
+            hf.get_output_embeddings().requires_grad_(True)
     return model

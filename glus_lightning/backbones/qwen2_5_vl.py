@@ -16,7 +16,7 @@ from transformers import (
 
 from glus_lightning.config import ConfigError
 
-from .base import MLLMBackbone, Past
+from .base import MLLMBackbone, Past, pool_text
 from .conversation import Conversations, Part, chatml
 from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
@@ -57,20 +57,20 @@ class Qwen2_5_VLBackbone(MLLMBackbone):
             raise ConfigError(
                 f"backbone.image_size={self.image_size} must be a multiple of patch x merge size = {factor} for Qwen2.5-VL"
             )
-        if self.image_token_pool != 1:
-            raise ConfigError(f"backbone.image_token_pool={self.image_token_pool}: Qwen2.5-VL merges patches itself; use 1")
+        if self.image_token_pool != (1, 1):
+            raise ConfigError(f"backbone.image_token_pool={pool_text(self.image_token_pool)}: Qwen2.5-VL merges patches itself; use 1x1")
 
-    def conversation(self, num_context: int, instruction: str, queries: list[str], answers: list[str]) -> list[Part]:
+    def conversation(self, num_context: int, queries: list[str], answers: list[str]) -> list[Part]:
         config = self.hf_model.config
         image = [config.vision_start_token_id, *[config.image_token_id] * self.tokens_per_image, config.vision_end_token_id]
-        return chatml(self.system_prompt, image, "", num_context, instruction, queries, answers)
+        return chatml(self.system_prompt, image, "", self.context_parts(image, "", num_context), queries, answers)
 
-    def last_hidden_state(self, conversations: Conversations, frames: Tensor, past: Past | None = None) -> Tensor:
+    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
         vision = self.hf_model.config.vision_config
         patches, _, _ = self.image_processor.patchify(
-            self.pixel_values(frames), vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+            pixels, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
         )
-        grid_thw = self._grid_thw(len(frames), frames.device)
+        grid_thw = self._grid_thw(len(pixels), pixels.device)
         positions = None
         if past is not None and past.length:  # 3-D rope of the continuation, shifted to start after the cached prefix
             positions = self._rope_positions(conversations, grid_thw) + past.next_position

@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
+from glus_lightning.checkpoints.saved_config import upgraded
 from glus_lightning.checkpoints.state import check_checkpoint_fits
-from glus_lightning.config import ConfigError, GLUSConfig
+from glus_lightning.config import ConfigError
 from glus_lightning.module import GLUSModule
 
 HEADS_FILE = "heads.safetensors"
@@ -34,7 +35,7 @@ def model_from_checkpoint(ckpt_path: str | Path) -> GLUSModule:
     saved = checkpoint.get("hyper_parameters", {}).get("config")
     if saved is None:
         raise ValueError(f"checkpoint {str(ckpt_path)!r} holds no config (hyper_parameters.config): not a GLUSModule checkpoint")
-    cfg = OmegaConf.merge(OmegaConf.structured(GLUSConfig), saved)
+    cfg = upgraded(saved)
     cfg.backbone.quantization.load_in_4bit = False
     L.seed_everything(cfg.seed)  # the frozen weights of a random-init (tiny) model are those the run was built with
     model = GLUSModule(cfg)
@@ -68,7 +69,7 @@ def load_export(path: str | Path) -> GLUSModule:
     for needed in (CONFIG_FILE, HEADS_FILE, BACKBONE_DIR):
         if not (path / needed).exists():
             raise FileNotFoundError(f"{str(path)!r} is not a glus export: {needed} is missing")
-    cfg: DictConfig = OmegaConf.merge(OmegaConf.structured(GLUSConfig), OmegaConf.load(path / CONFIG_FILE))
+    cfg: DictConfig = upgraded(OmegaConf.load(path / CONFIG_FILE))
     cfg.backbone.path = str(path / BACKBONE_DIR)  # the directory may have moved since export
     model = GLUSModule(cfg)
     result = model.load_state_dict(load_file(path / HEADS_FILE), strict=False)

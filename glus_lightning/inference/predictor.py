@@ -53,6 +53,7 @@ def video_batch(video: Video, expressions: list[Expression], num_context: int, i
         datasets=[video.dataset],
         video_objects=[()],
         frame_names=[list(video.frame_names)],
+        video_sizes=[(int(video.size[0]), int(video.size[1]))],
     )
 
 

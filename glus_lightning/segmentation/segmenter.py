@@ -1,7 +1,7 @@
 """SAM2 memory-bank segmenter prompted by one embedding per frame (the projected ``[SEG]`` token).
 
 Per frame, as in GLUS: image features -> ``no_mem_embed`` if the bank is empty, else memory attention over
-the bank (spatial memories + object pointers, selected by ``SAM2Base``) -> mask decoder with the prompt as
+the bank (memories chosen per ``segmenter.memory``, ``conditioning.py``) -> mask decoder with the prompt as
 the only sparse token and ``no_mask_embed`` as the dense prompt, single-mask output -> memory encoder on the
 predicted mask -> push to the bank.
 """
@@ -19,11 +19,15 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from sam2.modeling.sam2_utils import DropPath
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from glus_lightning.config import SegmenterConfig
 from glus_lightning.precision import cast_frozen, torch_dtype
+from glus_lightning.segmentation.conditioning import MemoryProtocol, condition_on_memory
 from glus_lightning.segmentation.memory import MemoryBank
-from glus_lightning.segmentation.sam2_build import apply_freezing, build_sam2, load_official_checkpoint
+from glus_lightning.segmentation.sam2_build import SegmenterConfigError, apply_freezing, build_sam2, load_official_checkpoint
+
+BACKPROP = ("full", "checkpointed", "none")  # segmenter.memory.backprop
 
 # SAM2's pixel normalisation (ImageNet statistics), a property of its pretrained image encoder.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -90,11 +94,16 @@ class MemorySegmenter(nn.Module):
 
     Frozen parts among the image encoder, memory attention and memory encoder have their dropout and drop-path
     rates zeroed (``without_randomness``): a frozen module is a fixed function, its dropout would only add noise.
+    ``backprop`` (``segmenter.memory.backprop``) says how training differentiates through the memory path.
     """
 
-    def __init__(self, sam: SAM2Base) -> None:
+    def __init__(self, sam: SAM2Base, backprop: str, protocol: MemoryProtocol) -> None:
         super().__init__()
+        if backprop not in BACKPROP:
+            raise ValueError(f"segmenter.memory.backprop={backprop!r} is not valid; valid: {', '.join(BACKPROP)}")
         self.sam = sam
+        self.backprop = backprop
+        self.protocol = protocol
         self.prompt_dim: int = sam.sam_prompt_embed_dim
         self.image_size: int = sam.image_size
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
@@ -134,11 +143,10 @@ class MemorySegmenter(nn.Module):
     # ------------------------------------------------------------------------------------------ memory
     def new_memory(self, batch_size: int) -> MemoryBank:
         """An empty bank for ``batch_size`` tracks, keeping every frame SAM2 may still select."""
-        sam = self.sam
-        stride = sam.memory_temporal_stride_for_eval
-        spatial = (sam.num_maskmem - 2) * stride + 1 if sam.num_maskmem > 1 else 1  # farthest spatial memory looked up
-        pointers = sam.max_obj_ptrs_in_encoder - 1 if sam.use_obj_ptrs_in_encoder else 1  # farthest object pointer
-        return MemoryBank(batch_size, max(spatial, pointers))
+        sam, protocol = self.sam, self.protocol
+        spatial = protocol.farthest_memory(sam.num_maskmem, protocol.eval_stride)
+        pointers = sam.max_obj_ptrs_in_encoder - 1 if protocol.object_pointers else 1  # farthest object pointer
+        return MemoryBank(batch_size, max(spatial, pointers), protocol.conditioning_frame)
 
     @_in_weight_dtype
     def step(self, features: FrameFeatures, prompts: Tensor, memory: MemoryBank, frame_idx: int) -> SegmentOutput:
@@ -155,23 +163,44 @@ class MemorySegmenter(nn.Module):
             )
         if frame_idx < 0:
             raise ValueError(f"frame_idx must be >= 0, got {frame_idx}")
-        pix_feat = self._condition(features, memory, frame_idx)
-        sam = self.sam
-        top = features.levels[-1]
-        vision_top = top.flatten(2).permute(2, 0, 1)  # SAM2's (HW, N, C) layout
-        high_res = list(features.levels[:-1]) if sam.use_high_res_features_in_sam else None
+        if memory.is_empty:
+            pix_feat = self._condition(features, memory, frame_idx)
+        else:  # memory attention; its bank as of now (later pushes must not change a recomputation)
+            pix_feat = self._memory_path(self._condition, features, memory.fork(), frame_idx)
+        high_res = list(features.levels[:-1]) if self.sam.use_high_res_features_in_sam else None
         masks, gated, iou_pred, obj_scores, obj_ptr = self._decode(pix_feat, high_res, prompts.to(pix_feat.dtype))
+        encoder_input = pix_feat if self.protocol.encoder_input == "conditioned" else features.levels[-1]
+        maskmem_features, maskmem_pos_enc = self._memory_path(self._encode_memory, encoder_input, gated, obj_scores)
+        if self.backprop == "none":
+            obj_ptr = obj_ptr.detach()
+        memory.push(frame_idx, maskmem_features, maskmem_pos_enc, obj_ptr)
+        return SegmentOutput(masks if self.training else gated, iou_pred[:, 0], obj_scores[:, 0])
 
+    def _memory_path(self, fn: Callable, *args: Any) -> Any:
+        """``fn`` (memory attention or encoder) as ``backprop`` says: with its graph, checkpointed, or without gradients."""
+        if self.backprop == "full" or not torch.is_grad_enabled():
+            return fn(*args)
+        if self.backprop == "none":
+            with torch.no_grad():
+                return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    def _encode_memory(self, top: Tensor, gated: Tensor, obj_scores: Tensor) -> tuple[Tensor, Tensor]:
+        """SAM2's memory encoder on top-level features ``[N, C, H, W]`` and their (object-score gated) predicted masks.
+
+        Without gating, the object counts as present for SAM2.1's no-object memory embedding too.
+        """
+        if not self.protocol.gate_by_object_score:
+            obj_scores = torch.ones_like(obj_scores)
         masks_for_memory = F.interpolate(gated, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
-            current_vision_feats=[vision_top],
+        maskmem_features, maskmem_pos_enc = self.sam._encode_new_memory(
+            current_vision_feats=[top.flatten(2).permute(2, 0, 1)],  # SAM2's (HW, N, C) layout
             feat_sizes=[tuple(top.shape[-2:])],
             pred_masks_high_res=masks_for_memory,
             object_score_logits=obj_scores,
             is_mask_from_pts=False,
         )
-        memory.push(frame_idx, maskmem_features, maskmem_pos_enc[-1], obj_ptr)
-        return SegmentOutput(masks if self.training else gated, iou_pred[:, 0], obj_scores[:, 0])
+        return maskmem_features, maskmem_pos_enc[-1]
 
     @_in_weight_dtype
     def segment_without_memory(self, features: FrameFeatures, prompts: Tensor) -> SegmentOutput:
@@ -192,24 +221,11 @@ class MemorySegmenter(nn.Module):
 
     def _condition(self, features: FrameFeatures, memory: MemoryBank | None, frame_idx: int) -> Tensor:
         """Top-level features of N frames conditioned on the bank (``no_mem_embed`` when it is empty or None)."""
-        sam = self.sam
         n = features.shape[0]
         top = features.levels[-1]
         vision_top = top.flatten(2).permute(2, 0, 1)  # SAM2's (HW, N, C) layout
         pos_top = features.pos.flatten(2).permute(2, 0, 1).expand(-1, n, -1)
-        empty = memory is None or memory.is_empty
-        return sam._prepare_memory_conditioned_features(
-            frame_idx=frame_idx,
-            is_init_cond_frame=empty,
-            current_vision_feats=[vision_top],
-            current_vision_pos_embeds=[pos_top],
-            feat_sizes=[tuple(top.shape[-2:])],
-            output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}} if memory is None else memory.output_dict,
-            # SAM2 uses num_frames to stop pointer look-ups at the video's end and to scale their temporal
-            # encoding by min(num_frames, max pointers); an open-ended stream keeps that scale at its maximum.
-            num_frames=frame_idx + sam.max_obj_ptrs_in_encoder,
-            track_in_reverse=memory is not None and memory.is_reverse(frame_idx),
-        )
+        return condition_on_memory(self.sam, self.protocol, vision_top, pos_top, tuple(top.shape[-2:]), memory, frame_idx)
 
     def _decode(self, pix_feat: Tensor, high_res: list[Tensor] | None, prompts: Tensor) -> tuple[Tensor, ...]:
         """SAM2's mask decoder with the prompt as its single sparse token.
@@ -233,6 +249,8 @@ class MemorySegmenter(nn.Module):
         masks = masks.float()
         obj_ptr = sam.obj_ptr_proj(tokens[:, 0])
         if not sam.pred_obj_scores:
+            return masks, masks, iou_pred, obj_scores, obj_ptr
+        if not self.protocol.gate_by_object_score:  # the GLUS reference: its object-score head was never trained
             return masks, masks, iou_pred, obj_scores, obj_ptr
         present = obj_scores > 0
         gated = torch.where(present[:, :, None, None], masks, NO_OBJ_SCORE)
@@ -275,6 +293,11 @@ class MemorySegmenter(nn.Module):
 
 def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
     """The configured SAM2 (official architecture or the test size), official weights if set, frozen per config."""
+    if cfg.memory.backprop == "none" and cfg.train_memory:
+        raise SegmenterConfigError(
+            "segmenter.memory.backprop=none runs memory attention and the memory encoder without gradients, "
+            "so segmenter.train_memory=true would train nothing there: set train_memory=false or backprop=full|checkpointed"
+        )
     sam = build_sam2(cfg)
     if cfg.checkpoint is not None:
         load_official_checkpoint(sam, cfg.checkpoint, f"SAM2 {cfg.version} size {cfg.size} (max_memories {cfg.max_memories})")
@@ -283,7 +306,11 @@ def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
     for part in (sam.image_encoder, sam.memory_attention, sam.memory_encoder):
         if not any(p.requires_grad for p in part.parameters()):
             without_randomness(part)
-    return MemorySegmenter(sam)
+    m = cfg.memory
+    sam.memory_temporal_stride_for_eval = m.eval_stride  # SAM2's own name for it, kept in agreement
+    protocol = MemoryProtocol(m.conditioning_frame, m.object_pointers, m.temporal_encoding, m.eval_stride,
+                              m.gate_by_object_score, m.encoder_input)
+    return MemorySegmenter(sam, m.backprop, protocol)
 
 
 def without_randomness(module: nn.Module) -> None:
