@@ -185,6 +185,7 @@ class TrainerConfig:
 class InferenceConfig:
     window: int = MISSING  # query frames per backbone call when segmenting a whole video
     kv_cache: bool = MISSING  # encode the shared prompt prefix once per video and reuse its key/value cache
+    decoding: str = MISSING  # "windowed" (teacher-forced windows of query frames) or "sliding" (the reference's per frame)
     overlay: str = MISSING  # "gif", "mp4" or "none": the overlay `glus predict` draws for people to look at
     overlay_fps: int = MISSING
     overlay_alpha: float = MISSING  # opacity of the mask colour in the overlay

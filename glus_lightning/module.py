@@ -29,6 +29,8 @@ from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_wei
 from glus_lightning.segmentation import build_segmenter
 from glus_lightning.strategies import shard_fsdp2
 
+DECODINGS = ("windowed", "sliding")  # inference.decoding
+
 
 class GLUSModule(L.LightningModule):
     """Segments, in every query frame, the object that each expression refers to.
@@ -123,10 +125,39 @@ class GLUSModule(L.LightningModule):
             raise ValueError(f"inference.window must be >= 1, got {window}")
         size = None if batch.video_sizes is None else batch.video_sizes[0]
         prefix = self.backbone.encode_prefix(batch.context_frames[0], size) if self.cfg.inference.kv_cache else None
+        decoding = self.cfg.inference.decoding
+        if decoding not in DECODINGS:
+            raise ValueError(f"inference.decoding={decoding!r} is not valid; valid: {', '.join(DECODINGS)}")
         for start in range(0, batch.num_query, window):
             frame_ids = list(range(start, min(start + window, batch.num_query)))
-            _, prompts = self.encode_window(batch, batch.query_frames[:, frame_ids], prefix)
-            yield frame_ids, prompts
+            if decoding == "sliding":
+                yield frame_ids, self._sliding_prompts(batch, frame_ids, prefix)
+            else:
+                _, prompts = self.encode_window(batch, batch.query_frames[:, frame_ids], prefix)
+                yield frame_ids, prompts
+
+    def _sliding_prompts(self, batch: RefVOSBatch, frame_ids: list[int], prefix: PrefixCache | None) -> Tensor:
+        """Prompts ``[E, w, P]`` as the GLUS reference decodes: frame f's ``[SEG]`` ends a conversation whose turns are
+        frames ``f-k+1 .. f`` (k = ``data.num_query``, fewer at the start), earlier turns answered with the evaluation
+        answer (which holds ``[SEG]``, what the reference's model writes there). One LM call per turn count, over
+        every (expression, frame) pair of the window, continuing the shared prefix cache."""
+        k, num_exp = self.cfg.data.num_query, len(batch.expressions)
+        size = None if batch.video_sizes is None else batch.video_sizes[0]
+        prompts = {}
+        for turns in sorted({min(f + 1, k) for f in frame_ids}):
+            frames = [f for f in frame_ids if min(f + 1, k) == turns]
+            windows = torch.tensor([list(range(f - turns + 1, f + 1)) for f in frames], device=batch.frames.device)
+            query = batch.query_frames[0][windows]  # [F, turns, 3, S, S]
+            rows = len(frames) * num_exp  # expression-major: row e * F + i is expression e at frames[i]
+            out = self.backbone.encode(
+                batch.context_frames[:1].expand(rows, *batch.context_frames.shape[1:]),
+                query[None].expand(num_exp, *query.shape).flatten(0, 1),
+                [e for e in batch.expressions for _ in frames],
+                ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix, sizes=None if size is None else [size] * rows,
+            )
+            last = self.seg_projection(out.seg_hidden[:, -1].to(self.seg_projection[0].weight.dtype)).view(num_exp, len(frames), -1)
+            prompts.update({f: last[:, i] for i, f in enumerate(frames)})
+        return torch.stack([prompts[f] for f in frame_ids], dim=1)
 
     @torch.no_grad()
     def frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:

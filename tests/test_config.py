@@ -145,6 +145,23 @@ def test_experiments_choose_the_prompt_and_the_released_ones_the_reference_s() -
     assert not (default.join_context_images or default.strip_period or default.lowercase_expression)
 
 
+REFERENCE_MEMORY = {"backprop": "none", "conditioning_frame": False, "object_pointers": False, "temporal_encoding": False,
+                    "eval_stride": 3, "gate_by_object_score": False, "encoder_input": "conditioned"}  # written out from issue 12
+
+
+def test_released_experiments_select_the_reference_protocol_everywhere() -> None:
+    released = [e for e in group_choices("experiment") if e.endswith("_released")]
+    assert len(released) == 3
+    for experiment in released:
+        cfg = compose([f"experiment={experiment}"])
+        assert (cfg.backbone.image_token_pool, cfg.backbone.image_resize) == ("1x4", "center_crop"), experiment
+        assert dict(cfg.segmenter.memory) == REFERENCE_MEMORY, experiment
+        assert cfg.inference.decoding == "sliding" and cfg.data.num_query == 4, experiment  # the reference's 4 turns
+    own = compose(["experiment=glus_s"])  # our recipe keeps SAM2's memory protocol and windowed decoding
+    assert own.segmenter.memory.backprop == "full" and own.segmenter.memory.object_pointers
+    assert own.inference.decoding == "windowed"
+
+
 @pytest.fixture
 def conf_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A writable copy of conf/ that the composer reads (``$GLUS_CONF_DIR``)."""

@@ -235,3 +235,43 @@ def test_init_weights_must_fit_the_model(tmp_path: Path) -> None:
         load_init_weights(net, tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="init_weights='nowhere.safetensors' does not exist"):
         load_init_weights(net, "nowhere.safetensors")
+
+
+def test_released_protocol_decodes_each_frame_as_a_step_by_step_reference_loop(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sliding decoding (batched over frames and expressions, prefix cache shared) gives the masks of a plain loop
+    that, frame by frame and expression by expression, asks about the frame at the end of a conversation over it and
+    the 3 frames before it, takes that last [SEG], and steps SAM2's memory one frame at a time."""
+    torch.manual_seed(0)
+    sam = build_sam2(load_group("segmenter", "test"))
+    reference_checkpoint(tmp_path / "GLUS-S", prompt_dim=sam.sam_prompt_embed_dim, visual=sam.state_dict())
+    assert main(["import", "glus", str(tmp_path / "GLUS-S"), "--out", str(tmp_path / "imported")]) == 0
+    overrides = capsys.readouterr().out.split("load with: ")[1].split()
+    prepare_synthetic(tmp_path / "data", seed=3, num_train=1, num_val=1, frames=7, size=32)
+    cfg = compose(["experiment=glus_s_released", "segmenter=test", "data=synthetic", *overrides, "backbone.dtype=float32",
+                   f"backbone.image_size={IMAGE}", "trainer=cpu", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
+                   "data.num_context=2", "inference.window=3"])
+    assert cfg.inference.decoding == "sliding" and cfg.data.num_query == 4
+    module = GLUSModule(cfg).eval()
+    batch = next(iter(RefVOSDataModule(cfg.data).val_dataloader()))
+    num_exp, frames = len(batch.expressions), batch.num_query
+    assert frames == 7 and num_exp >= 2
+    with torch.no_grad():
+        sliding = module.predict_video(batch)
+        memory, expected = module.segmenter.new_memory(num_exp), []
+        for f in range(frames):
+            prompts = []
+            for expression in batch.expressions:
+                turns = batch.query_frames[:, max(0, f - 3) : f + 1]
+                out = module.backbone.encode(batch.context_frames, turns, [expression], ce_only_seg=cfg.loss.ce_only_seg,
+                                             sizes=batch.video_sizes)
+                assert out.seg_hidden.shape[1] == turns.shape[1]  # one [SEG] per turn; the frame's is the last
+                prompts.append(module.seg_projection(out.seg_hidden[0, -1]))
+            features = module.segmenter.encode_frames(batch.query_frames[0, [f]])
+            one = module.segmenter.select(features, torch.zeros(num_exp, 1, dtype=torch.long))
+            expected.append(module.segmenter.track(one, torch.stack(prompts)[:, None], memory=memory, frame_ids=[f]).mask_logits)
+        expected = torch.cat(expected, dim=1)
+        module.cfg.inference.decoding = "windowed"
+        windowed = module.predict_video(batch)
+    torch.testing.assert_close(sliding, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(sliding > 0, expected > 0)
+    assert not torch.allclose(windowed[:, 1:], sliding[:, 1:], atol=1e-3)  # the two decodings do differ

@@ -30,6 +30,7 @@ ADDED: dict[str, Any] = {
     "loss.contrastive_min_anchors": 1,
     "loss.contrastive_push": "after",
     "loss.contrastive_bank_sources": None,
+    "inference.decoding": "windowed",
 }
 
 
