@@ -27,7 +27,7 @@ from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
 from glus_lightning.segmentation import build_segmenter
-from glus_lightning.strategies import shard_fsdp2
+from glus_lightning.strategies import gather_from_ranks, shard_fsdp2
 
 DECODINGS = ("windowed", "sliding")  # inference.decoding
 
@@ -180,16 +180,13 @@ class GLUSModule(L.LightningModule):
     def _push_contrastive_bank(self, prompts: Tensor, batch: RefVOSBatch) -> None:
         """Push every rank's embeddings of this step, in rank order, so that the banks of all ranks stay identical.
 
-        Rows are padded to a fixed capacity (ranks sample different numbers of expressions); ``all_gather`` adds a
-        leading rank dimension only with several processes, hence the reshapes. Without a trainer (a bare
-        ``training_step`` call) there is nothing to gather. Every rank calls this at the same point of its step
+        Rows are padded to a fixed capacity (ranks sample different numbers of expressions). Every rank calls this at the same point of its step
         (``loss.contrastive_push``), so the collective pairs up whether it runs before or after the loss.
         """
         d = self.cfg.data
         capacity = d.batch_size * d.max_expressions * d.num_query
         rows, keys = self.contrastive.padded_rows(prompts, row_keys(batch), capacity)
-        if self._trainer is not None:
-            rows, keys = self.all_gather(rows), self.all_gather(keys)
+        rows, keys = gather_from_ranks(rows), gather_from_ranks(keys)
         self.contrastive.push(rows.reshape(-1, rows.shape[-1]), keys.reshape(-1, keys.shape[-1]))
 
     def validation_step(self, batch: RefVOSBatch, batch_idx: int) -> dict[str, Tensor]:
@@ -232,7 +229,9 @@ class GLUSModule(L.LightningModule):
     def _log_scores(self, metric: JAndF, stage: str) -> None:
         """Log ``<stage>/J``, ``/F``, ``/J&F`` and keep the per-expression scores (for CSV tables)."""
         scores = metric.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in scores.items() if k in ("J", "F", "J&F")}, prog_bar=True, sync_dist=False)
+        # already the scores over every rank (JAndF gathers its per-expression states), so equal on all ranks: their
+        # mean (sync_dist) is the same value, and Lightning does not warn that they are unsynced
+        self.log_dict({f"{stage}/{k}": v for k, v in scores.items() if k in ("J", "F", "J&F")}, prog_bar=True, sync_dist=True)
         self.expression_scores = metric.per_expression()
         metric.reset()
 

@@ -214,3 +214,17 @@ class GatheredEvaluation(L.Callback):
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         release_units(pl_module)
+
+
+def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``[world, *tensor.shape]``: every rank's tensor in rank order (``[1, ...]`` on a single process), no gradient.
+
+    Lightning's ``all_gather`` goes through ``torch.distributed.nn.functional.all_gather``, deprecated in torch 2.14
+    (a warning on every run with several ranks that a user cannot act on); nothing here needs its autograd.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor[None]
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor)
+    return torch.stack(parts)

@@ -42,6 +42,7 @@ def run_worker(out: Path, overrides: list[str], timeout: float = 120) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fit_worker.py"), str(out), *overrides],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out / "stderr.txt").write_text(proc.stderr)
 
 
 def read_run(out: Path, ranks: int) -> tuple[list[list[dict]], list[dict]]:
@@ -102,6 +103,9 @@ def test_ddp_two_processes_train_in_step(ddp_run: tuple[Path, list[list[dict]], 
     ranks = scorers(out)
     assert all(r["refined"] for r in ranks) and ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-12)
     assert bool(ckpt["state_dict"]["frame_scorer.refined"])
+    # no warning a user cannot act on: to sync_dist scores gathered over ranks already, Lightning's deprecated all_gather
+    stderr = (out / "stderr.txt").read_text()
+    assert "sync_dist" not in stderr and "deprecated" not in stderr
 
 
 def test_fsdp2_two_processes_shard_and_match_ddp(uneven_root: tuple[Path, int], tmp_path: Path,

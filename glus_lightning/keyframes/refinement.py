@@ -31,6 +31,7 @@ from glus_lightning.keyframes.scorer import FrameScorer
 from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import mask_iou
 from glus_lightning.module import GLUSModule
+from glus_lightning.strategies import gather_from_ranks
 
 
 @dataclass
@@ -108,17 +109,17 @@ def gather_targets(module: L.LightningModule, targets: ScoreTargets) -> ScoreTar
     if module.trainer.world_size == 1:
         return targets
     device = module.device
-    counts = module.all_gather(torch.tensor([len(targets.targets)], device=device)).flatten().tolist()
+    counts = gather_from_ranks(torch.tensor([len(targets.targets)], device=device)).flatten().tolist()
     most = max(counts)
 
     def gathered(t: torch.Tensor) -> list[torch.Tensor]:
         padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
         padded[: len(t)] = t.to(device)
-        per_rank = module.all_gather(padded).cpu()  # [world, most, ...]
+        per_rank = gather_from_ranks(padded).cpu()  # [world, most, ...]
         return [per_rank[r, :n] for r, n in enumerate(counts)]
 
     rows = {field.name: gathered(getattr(targets, field.name)) for field in fields(ScoreTargets)}
-    num_groups = module.all_gather(torch.tensor([int(targets.groups.max()) + 1], device=device)).flatten().cpu()
+    num_groups = gather_from_ranks(torch.tensor([int(targets.groups.max()) + 1], device=device)).flatten().cpu()
     offsets = num_groups.cumsum(0) - num_groups  # groups of earlier ranks come first
     rows["groups"] = [groups + offset for groups, offset in zip(rows["groups"], offsets, strict=True)]
     return ScoreTargets(**{name: torch.cat(parts) for name, parts in rows.items()})
