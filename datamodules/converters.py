@@ -20,7 +20,7 @@ Decisions, so that a shard always means the same thing:
 Faults of one video (missing or unreadable frame, malformed RLE or metadata entry, an
 expression whose object has no mask in any frame, fewer than ``min_frames`` frames) raise a
 ``ConversionError`` naming the file, video and expression; with ``skip_bad`` the video is left
-out, a ``ConversionWarning`` is issued and ``{"video", "reason"}`` is added to ``Source.skipped``.
+out, a line saying why goes to stderr and ``{"video", "reason"}`` is added to ``Source.skipped``.
 Faults of a whole split (its metadata file missing or not valid JSON) always raise: nothing of it
 could be converted.
 
@@ -31,7 +31,7 @@ The checked readers of the metadata, RLE and PNG formats are shared with ``glus 
 from __future__ import annotations
 
 import io
-import warnings
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from datamodules.formats import (
     ConversionError,
@@ -51,10 +52,6 @@ from datamodules.formats import (
     read_object_ids,
 )
 from datamodules.records import Expression, VideoRecord, encode_rle
-
-
-class ConversionWarning(UserWarning):
-    """A video was skipped under ``skip_bad``."""
 
 
 @dataclass
@@ -75,7 +72,9 @@ class Source:
             except ConversionError as err:
                 if not self.skip_bad:
                     raise
-                warnings.warn(f"skipping video {video!r}: {err}", ConversionWarning, stacklevel=2)
+                # not warnings.warn: raised in this generator, it printed over the progress bar and named the tqdm
+                # line that asked for the next record; tqdm.write puts it on a line of its own above the bar
+                tqdm.write(f"skipping video {video!r}: {err}", file=sys.stderr)
                 self.skipped.append({"video": video, "reason": str(err)})
                 continue
             yield record

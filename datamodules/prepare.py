@@ -109,12 +109,20 @@ def _fresh(out_dir: Path, split: str) -> Path:
 
 @contextmanager
 def _removed_on_failure(out_dir: Path, split: str) -> Iterator[None]:
-    """Delete the shards of a failed run (``_fresh`` made sure that none were there before)."""
+    """Delete the shards of a failed run (``_fresh`` made sure that none were there before), and the folders
+    it created if they are empty then: a left-over empty ``OUT/<split>/`` looks like a prepared split.
+    Folders that existed before, or hold anything else, are kept."""
+    new = [d for d in [out_dir, *out_dir.parents] if not d.exists()]  # innermost first
     try:
         yield
     except BaseException:
         for path in out_dir.glob(f"{split}-*.tar"):
             path.unlink()
+        for folder in new:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
         raise
 
 

@@ -1,16 +1,19 @@
 """``glus evaluate``: J, F and J&F of saved prediction PNGs against official ground truth.
 
-Predictions are ``<pred>/<video>/<exp_id>/<frame>.png`` (0/255, nonzero = object), also accepted
-under ``<pred>/Annotations/`` or inside a ``.zip`` of that layout (the benchmark servers' format).
+Predictions are ``<pred>/<video>/<exp_id>/<frame>.png`` (8-bit 0/255 or palette, nonzero = object), also
+accepted under ``<pred>/Annotations/`` or inside a ``.zip`` of that layout (the benchmark servers' format).
 Ground truth is either MeViS (``mask_dict.json``: anno_id -> COCO RLE or null per frame; an
 expression's target is the union of its ``anno_id`` masks) or Ref-YouTube-VOS / Ref-DAVIS17
 (``Annotations/<video>/<frame>.png`` palette PNGs of object ids; target = ``png == obj_id``, only
 frames that have a PNG are scored, as annotations may be sparse). ``meta_expressions.json`` lists
 the videos, frames and expressions to score.
 
-A missing prediction (an expression folder or a single frame) is scored as an empty mask and
-listed, never an error: the reference evaluation crashing there is a known fault. Malformed ground
-truth, metadata or prediction files raise an error naming the file.
+An expression without any prediction PNG (its folder or its whole video absent) scores J = F = 0
+in every layout, as the official MeViS script scores a missing video, so that a partial submission never scores
+higher here than on the server; such videos and expressions are counted and named. A single frame
+missing from an expression that has other PNGs is scored as an empty mask and listed: the official
+script crashes there, so there is no official number to follow. Malformed ground truth, metadata or
+prediction files (16-bit PNGs included, see :meth:`Predictions.read`) raise an error naming the file.
 
 Scores use :class:`~glus_lightning.metrics.JAndF` on each expression's whole frame stack; per video
 J and F are the mean over its expressions, overall ones the mean over all expressions.
@@ -77,17 +80,30 @@ class EvaluationResult:
     overall: dict[str, float]
     frames: dict[str, int] = field(default_factory=dict)  # expression key -> frames scored
     missing: dict[str, int] = field(default_factory=dict)  # expression key -> frames without a prediction
+    absent_videos: list[str] = field(default_factory=list)  # videos without any prediction
+    absent_expressions: list[str] = field(default_factory=list)  # expression keys without any prediction: J = F = 0
 
     @classmethod
     def from_expressions(
-        cls, expressions: dict[str, dict[str, float]], frames: dict[str, int] | None = None, missing: dict[str, int] | None = None
+        cls,
+        expressions: dict[str, dict[str, float]],
+        frames: dict[str, int] | None = None,
+        missing: dict[str, int] | None = None,
+        absent_expressions: list[str] | None = None,
     ) -> EvaluationResult:
-        """Aggregate per-expression scores (e.g. ``JAndF.per_expression()``); the video is the key up to its last ``/``."""
-        by_video: dict[str, list[dict[str, float]]] = {}
-        for key, scores in expressions.items():
-            by_video.setdefault(key.rpartition("/")[0], []).append(scores)
-        videos = {video: _mean_scores(rows) for video, rows in by_video.items()}
-        return cls(expressions, videos, _mean_scores(list(expressions.values())), frames or {}, missing or {})
+        """Aggregate per-expression scores (e.g. ``JAndF.per_expression()``); the video is the key up to its last ``/``.
+
+        A video is absent when all of its expressions are in ``absent_expressions``.
+        """
+        absent = list(absent_expressions or [])
+        by_video: dict[str, list[str]] = {}
+        for key in expressions:
+            by_video.setdefault(key.rpartition("/")[0], []).append(key)
+        videos = {video: _mean_scores([expressions[k] for k in keys]) for video, keys in by_video.items()}
+        absent_set = set(absent)
+        absent_videos = [video for video, keys in by_video.items() if absent_set.issuperset(keys)]
+        overall = _mean_scores(list(expressions.values()))
+        return cls(expressions, videos, overall, frames or {}, missing or {}, absent_videos, absent)
 
 
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -98,6 +114,8 @@ def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ predictions
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # then the IHDR chunk: length, type, width, height, bit depth (byte 24)
 
 
 class Predictions:
@@ -130,11 +148,21 @@ class Predictions:
         return (str(file), file.read_bytes()) if file.is_file() else None
 
     def read(self, video: str, exp_id: str, frame: str, shape: tuple[int, int] | None = None) -> np.ndarray | None:
-        """Boolean mask of one frame (checked to be ``shape`` when given), or None when there is no prediction for it."""
+        """Boolean mask of one frame (checked to be ``shape`` when given), or None when there is no prediction for it.
+
+        A 16-bit PNG is refused: the official readers (cv2 grayscale) divide it by 256, so its 0/255
+        masks score empty on the server; reading it that way here would hide the fault, reading it
+        as nonzero = object would score it higher than the server does.
+        """
         found = self._png(video, exp_id, frame)
         if found is None:
             return None
         where, data = found
+        if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16:
+            raise EvaluationError(
+                f"{where}: a 16-bit PNG; predictions must be 8-bit PNGs, grayscale 0/255 or palette (nonzero = object): "
+                "the official scorers read 16-bit PNGs divided by 256, so 0/255 in 16 bits is an empty mask there"
+            )
         try:
             with Image.open(io.BytesIO(data)) as img:
                 mask = np.asarray(img if img.mode in ("1", "L", "P") else img.convert("L")) != 0
@@ -269,20 +297,26 @@ def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool 
     metric = JAndF().set_dtype(torch.float64)  # per-expression values go to the CSV at full precision
     frames: dict[str, int] = {}
     missing: dict[str, int] = {}
+    absent: list[str] = []
     for target in tqdm(targets(predictions), total=total, desc="evaluate", unit="expr", disable=not progress):
         pred_masks = np.zeros_like(target.masks)
-        absent = 0
+        no_png = 0
         for t, frame in enumerate(target.frames):
             mask = predictions.read(target.video, target.exp_id, frame, target.masks.shape[1:])
             if mask is None:
-                absent += 1
+                no_png += 1
             else:
                 pred_masks[t] = mask
-        metric.update(torch.from_numpy(pred_masks), torch.from_numpy(target.masks), key=target.key)
         frames[target.key] = len(target.frames)
-        if absent:
-            missing[target.key] = absent
-    return EvaluationResult.from_expressions(metric.per_expression(), frames, missing)
+        if no_png:
+            missing[target.key] = no_png
+        if no_png == len(target.frames):
+            absent.append(target.key)  # scored 0 below, as the official script scores a missing video
+        else:
+            metric.update(torch.from_numpy(pred_masks), torch.from_numpy(target.masks), key=target.key)
+    scored = metric.per_expression()
+    expressions = {key: scored.get(key) or {"J": 0.0, "F": 0.0, "J&F": 0.0} for key in frames}  # in the metadata's order
+    return EvaluationResult.from_expressions(expressions, frames, missing, absent)
 
 
 def write_csv(result: EvaluationResult, path: str | Path) -> Path:
@@ -319,10 +353,34 @@ def format_table(result: EvaluationResult) -> str:
             lines.append("-" * len(lines[0]))
         lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * scores[s]:6.2f}" for s in SCORES))
     lines.append(f"{len(result.expressions)} expressions in {len(result.videos)} videos")
-    if result.missing:
-        lines.append(f"missing predictions (scored as empty masks) for {len(result.missing)} expressions:")
-        lines.extend(f"  {key}: {n} of {result.frames.get(key, '?')} frames" for key, n in result.missing.items())
+    absent, absent_videos = set(result.absent_expressions), set(result.absent_videos)
+    in_absent_videos = [k for k in result.absent_expressions if k.rpartition("/")[0] in absent_videos]
+    others = [k for k in result.absent_expressions if k.rpartition("/")[0] not in absent_videos]
+    if result.absent_videos:
+        lines.append(
+            f"no predictions for {len(result.absent_videos)} of {len(result.videos)} videos "
+            f"({_count(len(in_absent_videos), 'expression')}), scored J = F = 0: {_some(result.absent_videos)}"
+        )
+    if others:
+        lines.append(
+            f"no predictions for {_count(len(others), 'more expression')} (of videos that have some), "
+            f"scored J = F = 0: {_some(others)}"
+        )
+    partial = {key: n for key, n in result.missing.items() if key not in absent}
+    if partial:
+        lines.append(f"missing frames (scored as empty masks) for {_count(len(partial), 'expression')}:")
+        lines.extend(f"  {key}: {n} of {result.frames.get(key, '?')} frames" for key, n in partial.items())
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more (all are in the CSV)."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f", ... ({more} more, see the CSV)" if more > 0 else "")
 
 
 def default_csv_path(pred: str | Path) -> Path:

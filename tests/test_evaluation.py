@@ -60,9 +60,12 @@ def write_predictions(records: list[VideoRecord], out: Path, all_frames: dict[st
 
 
 def expected(cases: dict) -> dict[str, tuple[float, float]]:
-    """Mean over frames of per-frame J and F, each frame scored on its own."""
+    """Mean over frames of per-frame J and F, each frame scored on its own; 0 for an expression without predictions."""
     scores = {}
-    for key, (pred, target, _, _) in cases.items():
+    for key, (pred, target, mode, _) in cases.items():
+        if mode == "missing":
+            scores[key] = (0.0, 0.0)
+            continue
         pairs = [(torch.from_numpy(p), torch.from_numpy(t)) for p, t in zip(pred, target)]
         scores[key] = (float(np.mean([mask_iou(p, t).item() for p, t in pairs])),
                        float(np.mean([boundary_f(p, t).item() for p, t in pairs])))
@@ -129,7 +132,7 @@ def test_cli_table_and_csv(mevis: tuple[Path, dict], tmp_path: Path, capsys: pyt
     assert main([*args, "--no-progress"]) == 0
     out = capsys.readouterr().out
     missing_keys = [k for k, c in cases.items() if c[2] == "missing"]
-    assert "overall" in out and "missing predictions" in out and all(k in out for k in missing_keys)
+    assert "overall" in out and "scored J = F = 0" in out and all(k in out for k in missing_keys)
     path = default_csv_path(pred)
     assert path == tmp_path / "pred_eval.csv" and path.is_file()
     rows = list(csv.DictReader(path.open()))
@@ -212,3 +215,75 @@ def test_glus_test_on_tiny_shards_gives_j_f_and_csv(tmp_path: Path) -> None:
     overall = next(r for r in rows if r["level"] == "overall")
     assert float(overall["J"]) == pytest.approx(results["test/J"], abs=1e-6)
     assert float(overall["F"]) == pytest.approx(results["test/F"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- official rules: missing predictions, 16-bit PNGs
+
+
+def _square(size: int = 8) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[2:5, 2:5] = True
+    return mask
+
+
+def _write_mevis_split(split: Path, videos: dict[str, dict[str, str]], objects: dict[str, list[np.ndarray | None]]) -> None:
+    """``meta_expressions.json`` (video -> exp_id -> anno_id, frames 00000, 00001) and ``mask_dict.json``."""
+    from pycocotools import mask as coco_mask
+
+    split.mkdir(parents=True)
+    meta = {"videos": {v: {"frames": ["00000", "00001"],
+                           "expressions": {e: {"exp": f"object {a}", "obj_id": [int(a)], "anno_id": [int(a)]}
+                                           for e, a in exps.items()}}
+                       for v, exps in videos.items()}}
+    rles = {}
+    for anno_id, frames in objects.items():
+        rles[anno_id] = []
+        for m in frames:
+            rle = None if m is None else coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))
+            rles[anno_id].append(None if rle is None else {"size": rle["size"], "counts": rle["counts"].decode()})
+    (split / "meta_expressions.json").write_text(json.dumps(meta))
+    (split / "mask_dict.json").write_text(json.dumps(rles))
+
+
+def test_missing_video_and_expression_score_zero_like_the_official_mevis_script(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    # every object shows in frame 00000 only (a 3x3 square in 8x8), 00001 is empty
+    square, empty = _square(), np.zeros((8, 8), dtype=bool)
+    _write_mevis_split(tmp_path / "gt", {"A": {"0": "0", "1": "0", "2": "0"}, "B": {"0": "1", "1": "1"}},
+                       {"0": [square, None], "1": [square, None]})
+    pred = tmp_path / "pred"
+    write_png(pred / "A" / "0" / "00000.png", square)  # exact: J = F = 1
+    write_png(pred / "A" / "0" / "00001.png", empty)
+    (pred / "A" / "1").mkdir()  # A/1: an empty folder, no PNG at all: J = F = 0
+    write_png(pred / "A" / "2" / "00001.png", empty)  # A/2: 00000 missing (empty mask: J = F = 0), 00001 right (1): 0.5
+    # B: no folder at all: both expressions J = F = 0 (scored as empty masks they would get 0.5 each)
+    gt, meta = tmp_path / "gt" / "mask_dict.json", tmp_path / "gt" / "meta_expressions.json"
+    result = evaluate(pred, gt, meta, progress=False)
+    by_hand = {"A/0": 1.0, "A/1": 0.0, "A/2": 0.5, "B/0": 0.0, "B/1": 0.0}
+    assert list(result.expressions) == list(by_hand)  # in the order of meta_expressions.json
+    for key, value in by_hand.items():
+        assert result.expressions[key] == {"J": value, "F": value, "J&F": value}, key
+    assert result.videos["A"]["J&F"] == pytest.approx(1.5 / 3) and result.videos["B"]["J&F"] == 0.0
+    assert result.overall == {"J": pytest.approx(1.5 / 5), "F": pytest.approx(1.5 / 5), "J&F": pytest.approx(1.5 / 5)}
+    assert result.absent_videos == ["B"] and result.absent_expressions == ["A/1", "B/0", "B/1"]
+    assert result.missing == {"A/1": 2, "A/2": 1, "B/0": 2, "B/1": 2}
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--meta", str(meta), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "no predictions for 1 of 2 videos (2 expressions), scored J = F = 0: B" in out
+    assert "no predictions for 1 more expression (of videos that have some), scored J = F = 0: A/1" in out
+    assert "A/2: 1 of 2 frames" in out and any(line.startswith("overall") and "30.00" in line for line in out.splitlines())
+    rows = {(r["level"], r["video"], r["exp_id"]): r for r in csv.DictReader(default_csv_path(pred).open())}
+    assert float(rows[("overall", "", "")]["J&F"]) == pytest.approx(0.3) and rows[("overall", "", "")]["missing_frames"] == "7"
+
+
+def test_sixteen_bit_png_prediction_is_refused_naming_the_file(mevis: tuple[Path, dict], tmp_path: Path) -> None:
+    split, cases = mevis
+    key = next(k for k, c in cases.items() if c[2] == "same")
+    frame = min((tmp_path / "pred" / key).glob("*.png"))
+    mask = np.asarray(Image.open(frame)) != 0
+    # 0/255 in 16 bits: the official reader (cv2 grayscale, 16 -> 8 bits divides by 256) sees an empty mask
+    Image.fromarray(mask.astype(np.uint16) * 255).save(frame)
+    with Image.open(frame) as img:
+        assert img.mode.startswith("I;16") and img.getextrema()[1] == 255
+    with pytest.raises(EvaluationError, match=f"{frame}: a 16-bit PNG.*8-bit.*0/255.*palette"):
+        evaluate(tmp_path / "pred", split / "mask_dict.json", split / "meta_expressions.json", progress=False)

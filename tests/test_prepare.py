@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from fixtures_official import write_tiny_mevis, write_tiny_ref_youtube_vos
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from datamodules.converters import ConversionWarning, normalize_expression
+from datamodules.converters import normalize_expression
 from datamodules.formats import ConversionError, rle_string_runs
 from datamodules.prepare import configure_prepare_parser, prepare_official, run_prepare
 from datamodules.records import VideoRecord
@@ -195,7 +197,7 @@ BAD_MEVIS = {  # name -> (edit of video train_00001, words the message must cont
 
 
 @pytest.mark.parametrize("case", list(BAD_MEVIS))
-def test_bad_mevis_video_is_an_error_or_skipped(tmp_path: Path, case: str) -> None:
+def test_bad_mevis_video_is_an_error_or_skipped(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     edit, words = BAD_MEVIS[case]
     root = write_tiny_mevis(tmp_path / "src", num_videos=3)
     edit(root, "train_00001")
@@ -203,8 +205,9 @@ def test_bad_mevis_video_is_an_error_or_skipped(tmp_path: Path, case: str) -> No
         prepare_official("mevis", root, "train", tmp_path / "strict", videos_per_shard=5, skip_bad=False, min_frames=1)
     assert "train_00001" in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
     assert not list((tmp_path / "strict" / "train").glob("*.tar"))  # a failed run leaves no partial shards
-    with pytest.warns(ConversionWarning, match="train_00001"):
-        manifest = prepare_official("mevis", root, "train", tmp_path / "lenient", videos_per_shard=5, skip_bad=True, min_frames=1)
+    capsys.readouterr()
+    manifest = prepare_official("mevis", root, "train", tmp_path / "lenient", videos_per_shard=5, skip_bad=True, min_frames=1)
+    assert "skipping video 'train_00001'" in capsys.readouterr().err
     assert manifest.videos == 2 and [s["video"] for s in manifest.skipped] == ["train_00001"]
     assert Manifest.load(tmp_path / "lenient" / "train").skipped == manifest.skipped
     assert [r.video for r in read_shards(tmp_path / "lenient" / "train")] == ["train_00000", "train_00002"]
@@ -239,15 +242,16 @@ BAD_YVOS = {  # name -> (edit of video vid001, words the message must contain)
 
 
 @pytest.mark.parametrize("case", list(BAD_YVOS))
-def test_bad_ref_youtube_vos_video_is_an_error_or_skipped(tmp_path: Path, case: str) -> None:
+def test_bad_ref_youtube_vos_video_is_an_error_or_skipped(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     edit, words = BAD_YVOS[case]
     root = write_tiny_ref_youtube_vos(tmp_path / "src", num_videos=3, frames=6)
     edit(root, "vid001")
     with pytest.raises(ConversionError) as err:
         prepare_official("ref-youtube-vos", root, "train", tmp_path / "strict", videos_per_shard=5, skip_bad=False, min_frames=4)
     assert "vid001" in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
-    with pytest.warns(ConversionWarning, match="vid001"):
-        manifest = prepare_official("ref-youtube-vos", root, "train", tmp_path / "lenient", videos_per_shard=5, skip_bad=True, min_frames=4)
+    capsys.readouterr()
+    manifest = prepare_official("ref-youtube-vos", root, "train", tmp_path / "lenient", videos_per_shard=5, skip_bad=True, min_frames=4)
+    assert "skipping video 'vid001'" in capsys.readouterr().err
     assert manifest.videos == 2 and [s["video"] for s in manifest.skipped] == ["vid001"]
     assert [r.video for r in read_shards(tmp_path / "lenient" / "train")] == ["vid000", "vid002"]
 
@@ -260,6 +264,41 @@ def test_malformed_json_file_names_file_line_and_column_even_with_skip_bad(tmp_p
     with pytest.raises(ConversionError, match=r"line 3 column 16") as err:
         prepare_official("mevis", root, "train", tmp_path / "out", videos_per_shard=5, skip_bad=True, min_frames=1)
     assert str(path) in str(err.value)
+
+
+def test_skip_bad_message_is_a_line_of_its_own_not_a_warning_from_inside_tqdm(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_tiny_ref_youtube_vos(tmp_path / "src", num_videos=3, frames=5)
+    (root / "train" / "JPEGImages" / "vid001" / "00010.jpg").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = prepare_official("ref-youtube-vos", root, "train", tmp_path / "out", videos_per_shard=5, skip_bad=True, min_frames=1)
+    # a warning raised in the record generator was attributed to the tqdm line that drew the next record
+    assert not [w for w in caught if "vid001" in str(w.message)], [f"{w.filename}:{w.lineno}" for w in caught]
+    # tqdm.write clears the bar ("\r"), writes the message and its newline, then redraws the bar
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if "vid001" in line]
+    assert len(lines) == 1 and lines[0].startswith("skipping video 'vid001': ") and "00010.jpg" in lines[0], lines
+    assert [s["video"] for s in manifest.skipped] == ["vid001"]
+
+
+@pytest.mark.parametrize("bad", ["vid000", "vid001"])  # before any record was written, after the first shard
+def test_failed_run_leaves_no_new_empty_folder_and_keeps_existing_ones(tmp_path: Path, bad: str) -> None:
+    root = write_tiny_ref_youtube_vos(tmp_path / "src", num_videos=3, frames=5)
+    (root / "train" / "JPEGImages" / bad / "00010.jpg").unlink()
+
+    def fail(out: Path) -> None:
+        with pytest.raises(ConversionError, match=bad):
+            prepare_official("ref-youtube-vos", root, "train", out, videos_per_shard=1, skip_bad=False, min_frames=1)
+
+    fail(tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()  # neither OUT/train nor the OUT and parent this run created
+    (tmp_path / "kept" / "train").mkdir(parents=True)
+    fail(tmp_path / "kept")
+    assert (tmp_path / "kept" / "train").is_dir() and not any((tmp_path / "kept" / "train").iterdir())
+    (tmp_path / "mine" / "train").mkdir(parents=True)
+    (tmp_path / "mine" / "train" / "notes.txt").write_text("mine")
+    fail(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine" / "train").iterdir()] == ["notes.txt"]
 
 
 # ---------------------------------------------------------------- CLI
@@ -279,9 +318,10 @@ def test_cli_converts_skips_and_reports(tmp_path: Path, capsys: pytest.CaptureFi
     assert run_prepare(_parse(argv)) == 1
     assert "vid002" in capsys.readouterr().err and not list((tmp_path / "out" / "train").glob("*.tar"))
 
-    with pytest.warns(ConversionWarning):
-        assert run_prepare(_parse([*argv, "--out", str(tmp_path / "out2"), "--skip-bad"])) == 0
-    line = capsys.readouterr().out
+    assert run_prepare(_parse([*argv, "--out", str(tmp_path / "out2"), "--skip-bad"])) == 0
+    captured = capsys.readouterr()
+    assert "skipping video 'vid002'" in captured.err
+    line = captured.out
     assert "ref-youtube-vos/train: 2 videos, 10 frames" in line and "skipped 1" in line and str(tmp_path / "out2" / "train") in line
     assert len(Manifest.load(tmp_path / "out2" / "train").shards) == 1
 
