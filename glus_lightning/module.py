@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -94,24 +94,25 @@ class GLUSModule(L.LightningModule):
         return GLUSOutput(lm_loss, list(track.mask_logits.unbind(0)), prompts, track.iou_pred, track.object_score_logits)
 
     @torch.no_grad()
-    def predict_video(self, batch: RefVOSBatch) -> Tensor:
+    def predict_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Tensor:
         """Mask logits ``[E, T, h, w]`` for every frame of one video (batch of 1 video, all frames as query).
 
         Windows of ``inference.window`` frames share the evaluation context frames; each frame's image features
         are computed once, and with ``inference.kv_cache`` the prompt prefix (system, context frames, instruction)
         is encoded once per video instead of once per window. Sequential by default, the memory bank carried
         across windows from the first frame on; with ``inference.keyframes`` each expression starts at the frame
-        its refined scorer rates best and propagates from there forward and backward.
+        its refined scorer rates best and propagates from there forward and backward. ``progress(n)`` is called as
+        each window's n frames are through the MLLM (keyframe mode: before propagation, SAM2 only).
         """
         if batch.frames.shape[0] != 1:
             raise ValueError(f"predict_video takes one video per batch, got {batch.frames.shape[0]}")
         if self.cfg.inference.keyframes:
             # collect_evidence, not self.frame_evidence: FSDP2 forward methods must not nest (see configure_model)
-            evidence = collect_evidence(self.segmenter, batch.query_frames[0], self._window_prompts(batch))
+            evidence = collect_evidence(self.segmenter, batch.query_frames[0], _reported(self._window_prompts(batch), progress))
             return predict_from_keyframes(self.frame_scorer, self.segmenter, evidence)
         memory = self.segmenter.new_memory(len(batch.expressions))
         logits = []
-        for frame_ids, prompts in self._window_prompts(batch):
+        for frame_ids, prompts in _reported(self._window_prompts(batch), progress):
             features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids])
             rows = torch.arange(len(frame_ids), device=prompts.device).expand(len(batch.expressions), -1)
             track = self.segmenter.track(self.segmenter.select(features, rows), prompts, memory=memory, frame_ids=frame_ids)
@@ -278,3 +279,11 @@ class GLUSModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _reported(windows: Iterator[tuple[list[int], Tensor]], progress: Callable[[int], object] | None) -> Iterator[tuple[list[int], Tensor]]:
+    """The windows, calling ``progress(number of frames)`` after each has been used."""
+    for frame_ids, prompts in windows:
+        yield frame_ids, prompts
+        if progress is not None:
+            progress(len(frame_ids))

@@ -181,7 +181,12 @@ def test_predict_a_folder_a_video_file_and_a_shard(data_root: Path, split_root: 
     summary = check_outputs(tmp_path / "out" / "clip", video.frame_names, video.size, ["0", "1"])
     assert [e["text"] for e in summary["expressions"]] == ["the red circle", "The square."]
     # the same frames give the same masks as segmenting them directly (the model is rebuilt from the same seed)
-    direct = segment_video(module, video, [Expression("0", "the red circle", ())])
+    done: list[int] = []
+    direct = segment_video(module, video, [Expression("0", "the red circle", ())], progress=done.append)
+    assert done == [WINDOW, WINDOW, FRAMES - 2 * WINDOW]  # after each window, every frame once
+    log = (tmp_path / "out" / "predict.log").read_text().splitlines()  # what was printed, also in a file
+    assert len(log) == 1 and f"clip: {FRAMES} frames x 2 expressions" in log[0] and "frames/s), peak memory" in log[0]
+    assert summary["peak_memory_bytes"] > 2**20 and summary["peak_memory_kind"] == "process peak RSS"
     written = np.stack([np.asarray(Image.open(tmp_path / "out/clip/masks/0" / f"{n}.png")) for n in video.frame_names])
     np.testing.assert_array_equal(written == 255, direct[0])
 

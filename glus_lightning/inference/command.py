@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from datamodules.datamodule import resolve_shards
 from datamodules.records import Expression
@@ -23,6 +25,7 @@ from glus_lightning.inference.writers import OVERLAY_KINDS, write_masks, write_o
 from glus_lightning.module import GLUSModule
 
 SUMMARY_FILE = "summary.json"
+LOG_FILE = "predict.log"  # one line per video under --out: what was printed, for runs without a terminal
 
 
 def configure_predict_parser(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +80,12 @@ def _predict(cfg: DictConfig, args: argparse.Namespace) -> int:
     module = load_module(cfg, _device(0))
     for video in read_input(args.input):
         summary = predict_to_folder(module, video, args.expression, out / video.name, source=str(args.input))
-        print(f"{video.name}: {summary['num_frames']} frames x {len(summary['expressions'])} expressions in "
-              f"{summary['seconds']:.2f} s -> {out / video.name}")
+        line = (f"{video.name}: {summary['num_frames']} frames x {len(summary['expressions'])} expressions in "
+                f"{summary['seconds']:.2f} s ({summary['frames_per_second']:.2f} frames/s), peak memory "
+                f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']}) -> {out / video.name}")
+        print(line)
+        with (out / LOG_FILE).open("a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
     return 0
 
 
@@ -88,9 +95,13 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
     if not expressions:
         raise ValueError(f"{source}: video {video.name!r} has no expressions of its own; pass --expression TEXT")
     cfg: DictConfig = module.cfg
+    if module.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(module.device)
     start = time.perf_counter()
-    masks = segment_video(module, video, expressions)
+    with tqdm(total=len(video.frames), desc=video.name, unit="frame", file=sys.stderr, disable=None) as bar:
+        masks = segment_video(module, video, expressions, bar.update)
     seconds = time.perf_counter() - start
+    peak, peak_kind = _peak_memory(module.device)
     for expression, mask in zip(expressions, masks, strict=True):
         write_masks(out / "masks" / expression.exp_id, video.frame_names, mask)
     overlay = None
@@ -118,6 +129,8 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
         "overlay": overlay,
         "seconds": seconds,
         "frames_per_second": len(video.frames) / seconds,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
         "window": cfg.inference.window,
         "kv_cache": cfg.inference.kv_cache,
         "keyframes": cfg.inference.keyframes,
@@ -125,6 +138,14 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak bytes of this video on a GPU (tensor memory, as the allocator counts it); on the CPU the process's peak
+    resident memory so far (the operating system's count, this video or an earlier one, whichever was larger)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU tensors"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 def _device(rank: int) -> torch.device:

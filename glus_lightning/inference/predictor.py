@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import numpy as np
 import torch
@@ -58,9 +60,11 @@ def video_batch(video: Video, expressions: list[Expression], num_context: int, i
 
 
 @torch.no_grad()
-def segment_video(module: GLUSModule, video: Video, expressions: list[Expression]) -> list[np.ndarray]:
-    """Boolean masks ``(T, H, W)`` per expression at the video's original size (thresholded mask logits)."""
+def segment_video(module: GLUSModule, video: Video, expressions: list[Expression],
+                  progress: Callable[[int], object] | None = None) -> list[np.ndarray]:
+    """Boolean masks ``(T, H, W)`` per expression at the video's original size (thresholded mask logits);
+    ``progress(n)`` as n more frames are done (``GLUSModule.predict_video``)."""
     cfg = module.cfg
     batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size).to(module.device)
-    logits = module.predict_video(batch)
+    logits = module.predict_video(batch, progress)
     return [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]
