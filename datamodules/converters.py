@@ -256,3 +256,12 @@ OPENERS: dict[str, Callable[[str | Path, str, int, bool], Source]] = {
     "ref-youtube-vos": open_ref_youtube_vos,
     "ref-davis17": open_ref_davis17,
 }
+
+# Recorded in each prepared split's manifest with the options the converter ran with. Bump a converter's version when it
+# writes different records from the same source (which frames, masks or text it keeps); the shard format itself is
+# versioned apart (``records.SHARD_FORMAT_VERSION``).
+CONVERTER_VERSIONS: dict[str, int] = {
+    "mevis": 1,
+    "ref-youtube-vos": 1,
+    "ref-davis17": 1,
+}

@@ -29,6 +29,11 @@ video too short for a sample) is skipped, logged with its url and key, and count
 ``skipped``; a dataset none of whose shards gives a usable video raises (frames are only decoded
 after the shuffle buffer, so undecodable frames are counted but do not enter that check). At
 evaluation corrupt data raises: a video silently missing from a benchmark would make the score wrong.
+
+Before any shard is read, the manifest of each split matched (``manifest.json`` beside the shards) must
+record a shard format this code reads (``datamodules.shards.check_shard_format``): a split prepared by a
+version with another format raises ``ShardFormatError`` saying how to re-prepare it; a manifest written
+before manifests recorded a format is format 1, read as before.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from datamodules.sampling import (
     plan_eval,
     plan_train,
 )
+from datamodules.shards import check_shard_format
 from datamodules.targets import Targets
 from glus_lightning.config import DataConfig
 
@@ -74,11 +80,16 @@ SKIP_KINDS = ("shards", "samples")
 
 
 def resolve_shards(root: str, pattern: str) -> list[str]:
-    """Sorted files matched by a brace pattern and/or glob, relative to ``root`` unless absolute."""
+    """Sorted files matched by a brace pattern and/or glob, relative to ``root`` unless absolute.
+
+    Their splits' manifests are checked first (``shards.check_shard_format``): shards of a format this code does not
+    read raise ``ShardFormatError`` naming the manifest, instead of being misread.
+    """
     full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
     paths = sorted({path for expanded in braceexpand(full) for path in glob.glob(expanded)})
     if not paths:
         raise FileNotFoundError(f"shard pattern {pattern!r} (under data.root {root!r}) matches no file: looked for {full!r}")
+    check_shard_format(paths)
     return paths
 
 

@@ -3,6 +3,8 @@
 Every split goes to its own directory ``<out>/<split>/`` (shards ``<split>-000000.tar`` ... and
 ``manifest.json``), so splits never overwrite each other's manifest. A directory that already
 holds shards is refused rather than mixed: the manifest lists every ``<split>-*.tar`` there.
+The manifest also records the shard format version, the converter's name, version and options,
+and the glus-lightning version (:mod:`datamodules.shards`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from datamodules.converters import OPENERS
+from datamodules.converters import CONVERTER_VERSIONS, OPENERS
 from datamodules.formats import ConversionError
 from datamodules.shards import MANIFEST, Manifest, write_shards
-from datamodules.synthetic import DATASET, synthetic_records
+from datamodules.synthetic import DATASET, GENERATOR_VERSION, synthetic_records
 
 SYNTHETIC_SHARDS = 8  # shards per synthetic split, so that up to 8 ranks x workers each get some
 
@@ -71,8 +73,12 @@ def prepare_official(
         raise ValueError(f"dataset {dataset!r} has no converter; valid: {', '.join(OPENERS)}")
     out_dir = _fresh(Path(out) / split, split)
     source = OPENERS[dataset](root, split, min_frames, skip_bad)
+    options = {"root": str(Path(root).resolve()), "split": split, "videos_per_shard": videos_per_shard, "skip_bad": skip_bad,
+               "min_frames": min_frames}
+    converter = {"name": dataset, "version": CONVERTER_VERSIONS[dataset], "options": options}
     with _removed_on_failure(out_dir, split):
-        return write_shards(source.records(), out_dir, dataset, split, videos_per_shard, total=len(source.videos), skipped=source.skipped)
+        return write_shards(source.records(), out_dir, dataset, split, videos_per_shard, total=len(source.videos), skipped=source.skipped,
+                            converter=converter)
 
 
 def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames: int, size: int) -> dict[str, Manifest]:
@@ -80,10 +86,13 @@ def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames
     counts = {"train": num_train, "val": num_val}
     dirs = {split: _fresh(Path(out) / split, split) for split in counts}
     manifests = {}
+    options = {"seed": seed, "num_train": num_train, "num_val": num_val, "frames": frames, "size": size}
     for split, count in counts.items():
         with _removed_on_failure(dirs[split], split):
             records = synthetic_records(seed, split, count, frames, size)
-            manifests[split] = write_shards(records, dirs[split], DATASET, split, math.ceil(count / SYNTHETIC_SHARDS), total=count)
+            per_shard = math.ceil(count / SYNTHETIC_SHARDS)
+            converter = {"name": DATASET, "version": GENERATOR_VERSION, "options": {**options, "videos_per_shard": per_shard}}
+            manifests[split] = write_shards(records, dirs[split], DATASET, split, per_shard, total=count, converter=converter)
     return manifests
 
 

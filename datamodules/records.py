@@ -9,6 +9,10 @@ A shard sample (one video) holds these members, all under one key ``<dataset>/<v
 - ``f00000.jpg`` ... : the source frame bytes, copied unchanged (no re-encoding).
 
 Frames and masks decode lazily, so a training sample pays only for the frames it uses.
+
+This layout is shard format version ``SHARD_FORMAT_VERSION``, recorded in every prepared split's
+``manifest.json`` (:mod:`datamodules.shards`); readers refuse a split whose version is not in
+``READABLE_SHARD_FORMATS`` rather than misread it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
+
+SHARD_FORMAT_VERSION = 1
+"""Version of the shard sample layout described above (its members, their fields and what they mean).
+
+Whoever changes what ``VideoRecord.to_sample`` writes or what ``VideoRecord.from_sample`` expects bumps it, and keeps in
+``READABLE_SHARD_FORMATS`` only the versions ``from_sample`` still reads correctly. Version 1 is the layout written since
+the first release (unchanged up to the introduction of this constant): manifests written before they recorded a version
+hold version 1.
+"""
+
+READABLE_SHARD_FORMATS: tuple[int, ...] = (1,)
 
 
 class RecordError(ValueError):

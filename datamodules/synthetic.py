@@ -41,6 +41,7 @@ from PIL import Image
 from datamodules.records import Expression, VideoRecord, encode_rle
 
 DATASET = "synthetic"
+GENERATOR_VERSION = 1  # recorded in the manifest; bump when the same seed and sizes give different videos
 SPLIT_STREAMS = {"train": 0, "val": 1}  # disjoint random streams per split
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 90, 240), "yellow": (240, 220, 40), "white": (240, 240, 240)}

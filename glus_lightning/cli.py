@@ -65,9 +65,14 @@ def run_config_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from datamodules.shards import ShardFormatError
     from glus_lightning import runner
 
-    getattr(runner, args.command)(cfg, **({"csv": args.csv} if args.command in CSV_COMMANDS else {}))
+    try:
+        getattr(runner, args.command)(cfg, **({"csv": args.csv} if args.command in CSV_COMMANDS else {}))
+    except ShardFormatError as err:  # prepared data of another shard format: the message says what to do, no traceback
+        print(f"glus {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,8 +15,31 @@ missing from an expression that has other PNGs is scored as an empty mask and li
 script crashes there, so there is no official number to follow. Malformed ground truth, metadata or
 prediction files (16-bit PNGs included, see :meth:`Predictions.read`) raise an error naming the file.
 
-Scores use :class:`~glus_lightning.metrics.JAndF` on each expression's whole frame stack; per video
-J and F are the mean over its expressions, overall ones the mean over all expressions.
+Scores use :class:`~glus_lightning.metrics.JAndF` on each expression's frames (per-frame DAVIS J and F,
+averaged over the frames); per video J and F are the mean over its expressions, overall ones the mean over
+all expressions, and J&F = (J + F) / 2. Which frames count is the scoring protocol (``--protocol``):
+
+- ``mevis``: every frame of the expression (MeViS: the official MeViS script). The default for a ``mask_dict.json``.
+- ``davis17``: every annotated frame, averaged the same way; GLUS's own Ref-DAVIS17 script (``utils/eval_davis.py``)
+  scores so. The default for an ``Annotations`` directory (Ref-YouTube-VOS, Ref-DAVIS17). It gives the same numbers
+  as ``mevis``: the name says which published numbers it compares with.
+- ``davis17-toolkit``: the rule of the DAVIS-2017 evaluation toolkit (github.com/davisvideochallenge/davis2017-evaluation)
+  for its semi-supervised task: the first and last annotated frame of each video are left out
+  (``davis2017/evaluation.py``: ``all_gt_masks[:, 1:-1]``; their predictions are not read), J-Mean and F-Mean of each
+  object are the means over the remaining frames (``utils.db_statistics``), and J&F-Mean is
+  (mean J-Mean + mean F-Mean) / 2 over all objects of all videos (``evaluation_method.py``). An expression is one
+  object here: a Ref-DAVIS17 run scored by the toolkit per annotator (one expression per object) and averaged over
+  the annotators is the mean over all expressions when every annotator describes every object. A video with fewer
+  than 3 annotated frames has nothing left to score and is an error (the toolkit would average an empty list to NaN).
+
+The per-frame J and F are the toolkit's (``davis2017/metrics.py``, see :mod:`glus_lightning.metrics.davis`). What the
+toolkit does and no protocol here repeats: it reads one palette PNG per frame holding every object of an annotator
+(overlaps already resolved by the method), while ``glus evaluate`` reads each expression's own mask; it stops at a
+missing prediction PNG, while here the rules above for missing predictions apply; and it scores only object ids up to
+the largest one in the first ground-truth frame (all objects of Ref-DAVIS17 valid show there). Its *unsupervised*
+task, which ReferFormer's ``scripts/dist_test_davis.sh`` runs (``eval_davis.py`` without ``--task`` defaults to it, on
+``Annotations_unsupervised``), is another rule again: every frame, void pixels (255) left out of J and F, and predicted
+objects matched to ground-truth objects by the Hungarian algorithm on J&F; it is not one of these protocols.
 """
 
 from __future__ import annotations
@@ -71,6 +94,43 @@ class Target:
         return f"{self.video}/{self.exp_id}"
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """Which frames of an expression are scored; J and F are then averaged over them, then over expressions."""
+
+    name: str
+    summary: str  # for the table header
+    drop_ends: bool  # the first and last annotated frame of each video are left out (DAVIS-2017 toolkit)
+
+    def scored(self, target: Target) -> Target:
+        """``target`` cut to the frames this protocol scores."""
+        if not self.drop_ends:
+            return target
+        if len(target.frames) < 3:
+            raise EvaluationError(
+                f"{target.key}: {len(target.frames)} annotated frame(s); protocol {self.name} leaves out the first and last "
+                "frame of each video, so nothing would be scored (the DAVIS-2017 toolkit averages an empty list to NaN)"
+            )
+        return Target(target.video, target.exp_id, target.frames[1:-1], target.masks[1:-1])
+
+
+PROTOCOLS = {
+    protocol.name: protocol
+    for protocol in (
+        Protocol("mevis", "every frame, J and F averaged per expression, then over expressions (official MeViS script)", False),
+        Protocol("davis17", "every annotated frame, J and F averaged per expression, then over expressions (GLUS's Ref-DAVIS17 script)",
+                 False),
+        Protocol("davis17-toolkit", "DAVIS-2017 toolkit: first and last annotated frame of each video left out, J and F averaged "
+                 "per expression (object), then over expressions", True),
+    )
+}
+
+
+def default_protocol(gt: str | Path) -> str:
+    """The protocol of a ground-truth layout: ``mevis`` for a ``mask_dict.json``, ``davis17`` for an ``Annotations`` directory."""
+    return "mevis" if Path(gt).suffix == ".json" else "davis17"
+
+
 @dataclass
 class EvaluationResult:
     """Scores per expression (keys ``"<video>/<exp_id>"``), per video and overall, plus missing predictions."""
@@ -82,6 +142,7 @@ class EvaluationResult:
     missing: dict[str, int] = field(default_factory=dict)  # expression key -> frames without a prediction
     absent_videos: list[str] = field(default_factory=list)  # videos without any prediction
     absent_expressions: list[str] = field(default_factory=list)  # expression keys without any prediction: J = F = 0
+    protocol: str | None = None  # the scoring protocol (PROTOCOLS), None when not known (scores from a model's loop)
 
     @classmethod
     def from_expressions(
@@ -90,6 +151,7 @@ class EvaluationResult:
         frames: dict[str, int] | None = None,
         missing: dict[str, int] | None = None,
         absent_expressions: list[str] | None = None,
+        protocol: str | None = None,
     ) -> EvaluationResult:
         """Aggregate per-expression scores (e.g. ``JAndF.per_expression()``); the video is the key up to its last ``/``.
 
@@ -103,7 +165,7 @@ class EvaluationResult:
         absent_set = set(absent)
         absent_videos = [video for video, keys in by_video.items() if absent_set.issuperset(keys)]
         overall = _mean_scores(list(expressions.values()))
-        return cls(expressions, videos, overall, frames or {}, missing or {}, absent_videos, absent)
+        return cls(expressions, videos, overall, frames or {}, missing or {}, absent_videos, absent, protocol)
 
 
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -290,15 +352,23 @@ def open_ground_truth(gt: str | Path, meta: str | Path) -> tuple[int, GroundTrut
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool = True) -> EvaluationResult:
-    """Score the predictions at ``pred`` against ``gt`` for every expression of ``meta`` (see the module doc)."""
+def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool = True, protocol: str | None = None) -> EvaluationResult:
+    """Score the predictions at ``pred`` against ``gt`` for every expression of ``meta`` (see the module doc).
+
+    ``protocol`` is a name of ``PROTOCOLS``; None picks it from the ground-truth layout (``default_protocol``).
+    """
+    name = protocol or default_protocol(gt)
+    if name not in PROTOCOLS:
+        raise EvaluationError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
+    rule = PROTOCOLS[name]
     total, targets = open_ground_truth(gt, meta)
     predictions = Predictions(pred)
     metric = JAndF().set_dtype(torch.float64)  # per-expression values go to the CSV at full precision
     frames: dict[str, int] = {}
     missing: dict[str, int] = {}
     absent: list[str] = []
-    for target in tqdm(targets(predictions), total=total, desc="evaluate", unit="expr", disable=not progress):
+    for whole in tqdm(targets(predictions), total=total, desc="evaluate", unit="expr", disable=not progress):
+        target = rule.scored(whole)  # predictions of frames left out are not read
         pred_masks = np.zeros_like(target.masks)
         no_png = 0
         for t, frame in enumerate(target.frames):
@@ -316,7 +386,7 @@ def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool 
             metric.update(torch.from_numpy(pred_masks), torch.from_numpy(target.masks), key=target.key)
     scored = metric.per_expression()
     expressions = {key: scored.get(key) or {"J": 0.0, "F": 0.0, "J&F": 0.0} for key in frames}  # in the metadata's order
-    return EvaluationResult.from_expressions(expressions, frames, missing, absent)
+    return EvaluationResult.from_expressions(expressions, frames, missing, absent, protocol=name)
 
 
 def write_csv(result: EvaluationResult, path: str | Path) -> Path:
@@ -346,11 +416,15 @@ def _cells(scores: dict[str, float]) -> list[str]:
 def format_table(result: EvaluationResult) -> str:
     """Per-video and overall scores in percent, and the expressions that lacked predictions."""
     width = max([len("overall"), *(len(v) for v in result.videos)])
-    lines = [f"{'video':<{width}}  {'J':>6}  {'F':>6}  {'J&F':>6}"]
+    header = f"{'video':<{width}}  {'J':>6}  {'F':>6}  {'J&F':>6}"
+    lines = [header]
+    if result.protocol:
+        summary = PROTOCOLS[result.protocol].summary if result.protocol in PROTOCOLS else ""
+        lines.insert(0, f"protocol: {result.protocol}" + (f" ({summary})" if summary else ""))
     rows = [*result.videos.items(), ("overall", result.overall)]
     for i, (name, scores) in enumerate(rows):
         if i == len(rows) - 1:
-            lines.append("-" * len(lines[0]))
+            lines.append("-" * len(header))
         lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * scores[s]:6.2f}" for s in SCORES))
     lines.append(f"{len(result.expressions)} expressions in {len(result.videos)} videos")
     absent, absent_videos = set(result.absent_expressions), set(result.absent_videos)
@@ -396,6 +470,10 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, help="DIR/<video>/<exp_id>/<frame>.png, DIR/Annotations/..., .zip")
     parser.add_argument("--gt", type=Path, required=True, help="MeViS mask_dict.json or a Ref-YouTube-VOS/DAVIS Annotations dir")
     parser.add_argument("--meta", type=Path, required=True, help="meta_expressions.json of the split")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                        help="which frames count: mevis (every frame), davis17 (every annotated frame, as GLUS scores Ref-DAVIS17; "
+                        "same numbers as mevis), davis17-toolkit (the DAVIS-2017 toolkit: first and last frame of each video left "
+                        "out). Default: mevis for a mask_dict.json, davis17 for an Annotations dir")
     parser.add_argument("--csv", type=Path, default=None, help="per-expression, video and overall CSV (default: <pred>_eval.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -403,7 +481,7 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``glus evaluate``: table to stdout, CSV written; exit code 1 with a message on malformed input."""
     try:
-        result = evaluate(args.pred, args.gt, args.meta, progress=not args.no_progress)
+        result = evaluate(args.pred, args.gt, args.meta, progress=not args.no_progress, protocol=args.protocol)
     except (EvaluationError, ConversionError, RecordError) as err:
         print(f"glus evaluate: error: {err}", file=sys.stderr)
         return 1

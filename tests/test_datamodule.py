@@ -20,6 +20,7 @@ from PIL import Image
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import RefVOSDataModule, resolve_shards, shard_samples
+from datamodules.prepare import prepare_synthetic
 from datamodules.records import Expression, RecordError, VideoRecord, encode_rle, frame_member
 from datamodules.sampling import (
     build_sample,
@@ -30,7 +31,7 @@ from datamodules.sampling import (
     train_context_indices,
     train_query_indices,
 )
-from datamodules.shards import write_shards
+from datamodules.shards import MANIFEST, Manifest, ShardFormatError, write_shards
 from glus_lightning.config import DataConfig
 
 H, W, S = 24, 32, 16
@@ -390,6 +391,68 @@ def test_synthetic_dataset_is_generated_when_missing(tmp_path):
     assert [b.video_ids[0] for b in dm.val_dataloader()] and manifest["videos"] == 2
     batch = next(iter(dm.train_dataloader()))
     assert batch.datasets == ["synthetic", "synthetic"] and batch.masks[0].shape == (3, 32, 32)
+
+
+# --- shard format version (manifest.json) ------------------------------------------------------
+
+
+def _synthetic_cfg(root: Path):
+    return data_cfg(root, [source("synthetic", "train/train-*.tar")], val=[source("synthetic", "val/val-*.tar")])
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_future_shard_format_is_refused_naming_manifest_versions_and_what_to_do(tmp_path):
+    root = tmp_path / "syn"
+    prepare_synthetic(root, seed=0, num_train=2, num_val=1, frames=4, size=32)
+    for split, open_loader in (("val", RefVOSDataModule.val_dataloader), ("train", RefVOSDataModule.train_dataloader)):
+        manifest = root / split / MANIFEST
+        _edit_manifest(manifest, lambda m: m.update(format_version=2, glus_lightning_version="9.0.0"))
+        with pytest.raises(ShardFormatError) as raised:
+            open_loader(RefVOSDataModule(_synthetic_cfg(root)))
+        message = str(raised.value)
+        assert message.startswith(f"{manifest}: shard format version 2 (written by glus-lightning 9.0.0)")
+        assert "reads shard format version 1 only" in message
+        # the command that re-prepares it, from the converter options the manifest records
+        assert f"move {root / 'train'} and {root / 'val'} aside" in message
+        assert f"glus prepare synthetic --seed 0 --num-train 2 --num-val 1 --frames 4 --size 32 --out {root}" in message
+        _edit_manifest(manifest, lambda m: m.update(format_version=1))
+    # `glus predict --input <shard>.tar` reads shards without a pattern: refused too
+    from glus_lightning.inference.sources import read_input
+
+    _edit_manifest(root / "val" / MANIFEST, lambda m: m.update(format_version=3))
+    with pytest.raises(ShardFormatError, match=r"val/manifest.json: shard format version 3"):
+        next(read_input(root / "val" / "val-000000.tar"))
+    # a version that is not a number is refused the same way; so is a manifest that is not JSON
+    _edit_manifest(root / "val" / MANIFEST, lambda m: m.update(format_version="1"))
+    with pytest.raises(ShardFormatError, match=r"val/manifest.json: shard format version '1'"):
+        RefVOSDataModule(_synthetic_cfg(root)).val_dataloader()
+    (root / "val" / MANIFEST).write_text("{")
+    with pytest.raises(ShardFormatError, match=r"val/manifest.json: cannot read this manifest.*glus prepare"):
+        RefVOSDataModule(_synthetic_cfg(root)).val_dataloader()
+
+
+def test_manifest_of_before_format_versions_still_loads_and_missing_manifest_warns(tmp_path, caplog):
+    root = tmp_path / "syn"
+    prepare_synthetic(root, seed=0, num_train=2, num_val=1, frames=4, size=32)
+    old_keys = {"dataset", "split", "shards", "videos", "frames", "expressions", "objects", "bytes", "skipped"}
+    for split in ("train", "val"):  # exactly what glus prepare wrote before manifests recorded versions
+        _edit_manifest(root / split / MANIFEST, lambda m: [m.pop(k) for k in set(m) - old_keys])
+        assert set(json.loads((root / split / MANIFEST).read_text())) == old_keys
+        assert Manifest.load(root / split).format_version == 1 and Manifest.load(root / split).converter is None
+    dm = RefVOSDataModule(_synthetic_cfg(root))
+    with caplog.at_level(logging.WARNING):
+        assert [b.video_ids for b in dm.val_dataloader()] == [["val_00000"]]
+        assert next(iter(dm.train_dataloader())).datasets == ["synthetic", "synthetic"]
+    assert "manifest" not in caplog.text
+    (root / "val" / MANIFEST).unlink()  # shards without a manifest: read as they are, with a warning naming the folder
+    with caplog.at_level(logging.WARNING):
+        assert [b.video_ids for b in RefVOSDataModule(_synthetic_cfg(root)).val_dataloader()] == [["val_00000"]]
+    assert f"{root / 'val'}: no manifest.json beside these shards" in caplog.text
 
 
 # --- with a Lightning Trainer ------------------------------------------------------------------

@@ -287,3 +287,128 @@ def test_sixteen_bit_png_prediction_is_refused_naming_the_file(mevis: tuple[Path
         assert img.mode.startswith("I;16") and img.getextrema()[1] == 255
     with pytest.raises(EvaluationError, match=f"{frame}: a 16-bit PNG.*8-bit.*0/255.*palette"):
         evaluate(tmp_path / "pred", split / "mask_dict.json", split / "meta_expressions.json", progress=False)
+
+
+# ---------------------------------------------------------------- scoring protocols (--protocol)
+
+# One video, 5 frames of 16x16 (boundary tolerance ceil(0.008 * sqrt(16^2 + 16^2)) = 1 pixel). A k x k square away from
+# the image border has 4k DAVIS boundary pixels (seg2bmap marks the inside pixels of its right column and bottom row,
+# 2k - 1, and the outside pixels left of it and above it, corner included, 2k + 1).
+_A = (slice(2, 5), slice(2, 5))  # object 1: a 3x3 square, 12 boundary pixels
+_B = (slice(10, 12), slice(2, 4))  # object 2: a 2x2 square, 8 boundary pixels; absent from frame 3
+_FAR = (slice(10, 12), slice(10, 12))  # a 2x2 square far (> 1 pixel) from both
+
+
+def _box(*where: tuple[slice, slice]) -> np.ndarray:
+    mask = np.zeros((16, 16), dtype=bool)
+    for rows, cols in where:
+        mask[rows, cols] = True
+    return mask
+
+
+# per frame: (prediction, J, F) by hand
+_EXPRESSION_0 = [  # object 1
+    (_box(), 0.0, 0.0),  # empty: J = 0; no predicted boundary: precision 1, recall 0, F = 0
+    (_box(_A), 1.0, 1.0),  # exact
+    (_box(_A, _FAR), 9 / 13, 0.75),  # plus a far square: J = 9 / (9 + 4); precision 12 / (12 + 8), recall 1: F = 1.2 / 1.6
+    (_box((slice(2, 5), slice(3, 6))), 6 / 12, 1.0),  # one column right: J = 6 / 12; every boundary pixel moves 1 <= 1: F = 1
+    (_box(_FAR), 0.0, 0.0),  # only far away: no overlap, no boundary match
+]
+_EXPRESSION_1 = [  # object 2
+    (_box(_B), 1.0, 1.0),
+    (_box(), 0.0, 0.0),
+    (_box(_B), 1.0, 1.0),
+    (_box(), 1.0, 1.0),  # both empty (object 2 is absent from frame 3): J = F = 1, the DAVIS convention
+    (_box(), 0.0, 0.0),
+]
+
+
+def _protocol_case(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """The case above in both ground-truth layouts: (predictions, Annotations dir, mask_dict.json, meta)."""
+    from pycocotools import mask as coco_mask
+
+    frames = [f"{t:05d}" for t in range(5)]
+    meta = tmp_path / "meta_expressions.json"
+    meta.write_text(json.dumps({"videos": {"v": {"frames": frames, "expressions": {
+        "0": {"exp": "the big square", "obj_id": "1", "anno_id": ["0"]},
+        "1": {"exp": "the small square", "obj_id": "2", "anno_id": ["1"]}}}}}))
+    objects = {1: [_box(_A)] * 5, 2: [_box(_B) if t != 3 else _box() for t in range(5)]}
+    for t, name in enumerate(frames):
+        ids = np.zeros((16, 16), dtype=np.uint8)
+        for obj_id, masks in objects.items():
+            ids[masks[t]] = obj_id
+        png = Image.fromarray(ids, mode="P")
+        png.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+        (tmp_path / "Annotations" / "v").mkdir(parents=True, exist_ok=True)
+        png.save(tmp_path / "Annotations" / "v" / f"{name}.png")
+    rles = {}
+    for obj_id, masks in objects.items():
+        encoded = [coco_mask.encode(np.asfortranarray(m.astype(np.uint8))) if m.any() else None for m in masks]
+        rles[str(obj_id - 1)] = [None if r is None else {"size": r["size"], "counts": r["counts"].decode()} for r in encoded]
+    (tmp_path / "mask_dict.json").write_text(json.dumps(rles))
+    for exp_id, cases in (("0", _EXPRESSION_0), ("1", _EXPRESSION_1)):
+        for name, (pred, _, _) in zip(frames, cases):
+            write_png(tmp_path / "pred" / "v" / exp_id / f"{name}.png", pred)
+    return tmp_path / "pred", tmp_path / "Annotations", tmp_path / "mask_dict.json", meta
+
+
+def _by_hand(frames: slice) -> dict[str, dict[str, float]]:
+    """J and F per expression: the mean of the hand values over ``frames``; then the means over both expressions."""
+    scores = {}
+    for key, cases in (("v/0", _EXPRESSION_0), ("v/1", _EXPRESSION_1)):
+        j, f = (sum(c[i] for c in cases[frames]) / len(cases[frames]) for i in (1, 2))
+        scores[key] = {"J": j, "F": f, "J&F": (j + f) / 2}
+    j, f = (sum(s[m] for s in scores.values()) / 2 for m in ("J", "F"))
+    return {**scores, "overall": {"J": j, "F": f, "J&F": (j + f) / 2}}
+
+
+@pytest.mark.parametrize("layout", ["annotations", "mask_dict"])
+def test_each_protocol_scores_the_crafted_case_as_computed_by_hand(tmp_path: Path, layout: str) -> None:
+    pred, annotations, mask_dict, meta = _protocol_case(tmp_path)
+    gt = annotations if layout == "annotations" else mask_dict
+    every_frame, toolkit = _by_hand(slice(None)), _by_hand(slice(1, -1))
+    # the numbers, written out: every frame J = (0 + 1 + 9/13 + 1/2 + 0)/5 and 3/5, F = 2.75/5 and 3/5;
+    # toolkit (frames 1-3) J = (1 + 9/13 + 1/2)/3 and 2/3, F = 2.75/3 and 2/3
+    assert every_frame["overall"]["J"] == pytest.approx(((1 + 9 / 13 + 0.5) / 5 + 3 / 5) / 2)
+    assert toolkit["overall"]["F"] == pytest.approx((2.75 / 3 + 2 / 3) / 2)
+    for protocol, want in (("mevis", every_frame), ("davis17", every_frame), ("davis17-toolkit", toolkit)):
+        result = evaluate(pred, gt, meta, progress=False, protocol=protocol)
+        assert result.protocol == protocol
+        for key in ("v/0", "v/1"):
+            for score in ("J", "F", "J&F"):
+                assert result.expressions[key][score] == pytest.approx(want[key][score], abs=1e-12), (protocol, key, score)
+        for score in ("J", "F", "J&F"):
+            assert result.overall[score] == pytest.approx(want["overall"][score], abs=1e-12), (protocol, score)
+            assert result.videos["v"][score] == pytest.approx(want["overall"][score], abs=1e-12)
+        assert result.frames == ({"v/0": 3, "v/1": 3} if protocol == "davis17-toolkit" else {"v/0": 5, "v/1": 5})
+    # the default follows the layout and gives today's numbers: mevis for mask_dict.json, davis17 for Annotations
+    default = evaluate(pred, gt, meta, progress=False)
+    assert default.protocol == ("davis17" if layout == "annotations" else "mevis")
+    assert default.overall == pytest.approx(every_frame["overall"], abs=1e-12)
+
+
+def test_toolkit_protocol_reads_no_first_or_last_frame_and_needs_three_frames(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    pred, annotations, _, meta = _protocol_case(tmp_path)
+    (pred / "v" / "0" / "00000.png").unlink()  # an empty prediction either way: same scores, but a missing frame
+    (pred / "v" / "1" / "00004.png").unlink()
+    assert evaluate(pred, annotations, meta, progress=False, protocol="davis17").missing == {"v/0": 1, "v/1": 1}
+    toolkit = evaluate(pred, annotations, meta, progress=False, protocol="davis17-toolkit")
+    assert toolkit.missing == {} and toolkit.overall == pytest.approx(_by_hand(slice(1, -1))["overall"], abs=1e-12)
+    # the table says which protocol scored it
+    args = ["evaluate", "--pred", str(pred), "--gt", str(annotations), "--meta", str(meta), "--no-progress"]
+    assert main([*args, "--protocol", "davis17-toolkit", "--csv", str(tmp_path / "t.csv")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("protocol: davis17-toolkit (DAVIS-2017 toolkit: first and last annotated frame")
+    assert main([*args, "--csv", str(tmp_path / "d.csv")]) == 0
+    assert capsys.readouterr().out.startswith("protocol: davis17 (every annotated frame")
+    # two frames: nothing is left once the first and last are out
+    short = tmp_path / "short.json"
+    videos = json.loads(meta.read_text())
+    videos["videos"]["v"]["frames"] = ["00000", "00001"]
+    short.write_text(json.dumps(videos))
+    with pytest.raises(EvaluationError, match=r"v/0: 2 annotated frame\(s\); protocol davis17-toolkit leaves out"):
+        evaluate(pred, annotations, short, progress=False, protocol="davis17-toolkit")
+    assert main([*args[:-3], "--meta", str(short), "--protocol", "davis17-toolkit", "--no-progress",
+                 "--csv", str(tmp_path / "s.csv")]) == 1
+    assert "glus evaluate: error: v/0: 2 annotated frame(s)" in capsys.readouterr().err

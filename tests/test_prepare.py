@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import warnings
@@ -20,7 +21,7 @@ from datamodules.converters import normalize_expression
 from datamodules.formats import ConversionError, rle_string_runs
 from datamodules.prepare import configure_prepare_parser, prepare_official, run_prepare
 from datamodules.records import VideoRecord
-from datamodules.shards import Manifest
+from datamodules.shards import MANIFEST, Manifest
 
 
 def read_shards(out_dir: Path) -> list[VideoRecord]:
@@ -336,3 +337,39 @@ def test_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parse(["kinetics", "--out", "o"])
     assert _parse(["synthetic", "--out", "o", "--frames", "8"]).frames == 8
+
+
+# ---------------------------------------------------------------- manifest provenance
+
+
+def test_manifest_records_shard_format_converter_options_and_package_version(tmp_path: Path) -> None:
+    root = write_tiny_ref_youtube_vos(tmp_path / "src", num_videos=3, frames=5)
+    argv = ["ref-davis17", "--root", str(root), "--split", "train", "--out", str(tmp_path / "out"), "--videos-per-shard", "2",
+            "--min-frames", "3", "--skip-bad"]
+    assert run_prepare(_parse(argv)) == 0
+    written = json.loads((tmp_path / "out" / "train" / MANIFEST).read_text())
+    assert next(iter(written)) == "format_version" and written["format_version"] == 1  # the shard format of the first release
+    assert written["converter"] == {
+        "name": "ref-davis17",
+        "version": 1,
+        "options": {"root": str(root.resolve()), "split": "train", "videos_per_shard": 2, "skip_bad": True, "min_frames": 3},
+    }
+    assert written["glus_lightning_version"] == importlib.metadata.version("glus-lightning")
+    loaded = Manifest.load(tmp_path / "out" / "train")
+    assert (loaded.format_version, loaded.converter, loaded.videos) == (1, written["converter"], 3)
+
+
+def test_synthetic_manifest_records_the_generator_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["synthetic", "--out", str(tmp_path / "syn"), "--seed", "7", "--num-train", "3", "--num-val", "2", "--frames", "5",
+            "--size", "40"]
+    assert run_prepare(_parse(argv)) == 0
+    capsys.readouterr()
+    for split, per_shard in (("train", 1), ("val", 1)):  # ceil(videos / 8 shards)
+        written = json.loads((tmp_path / "syn" / split / MANIFEST).read_text())
+        assert written["format_version"] == 1 and written["split"] == split and written["dataset"] == "synthetic"
+        assert written["converter"] == {
+            "name": "synthetic",
+            "version": 1,
+            "options": {"seed": 7, "num_train": 3, "num_val": 2, "frames": 5, "size": 40, "videos_per_shard": per_shard},
+        }
+        assert written["glus_lightning_version"] == importlib.metadata.version("glus-lightning")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from datamodules.datamodule import shard_samples
 from datamodules.records import Expression, VideoRecord
+from datamodules.shards import check_shard_format
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
@@ -70,7 +71,9 @@ def record_video(record: VideoRecord) -> Video:
 
 
 def shard_records(urls: list[str]) -> Iterator[VideoRecord]:
-    """Every stored video of the shards, in order (frames decode lazily)."""
+    """Every stored video of the shards, in order (frames decode lazily); a split of a shard format this code does not
+    read is refused first (``check_shard_format``)."""
+    check_shard_format(urls)
     for url in urls:
         try:
             for raw in shard_samples(url, handler=wds.reraise_exception):
