@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_backbones import PROMPT, tiny_cfg
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from datamodules.datamodule import RefVOSDataModule
@@ -20,7 +21,6 @@ from glus_lightning.backbones.image_resize import centre_square, tower_input
 from glus_lightning.backbones.prompt import Prompt
 from glus_lightning.config import ConfigError, compose, load_group
 from glus_lightning.module import GLUSModule
-from tests.test_backbones import PROMPT, tiny_cfg
 
 REFERENCE = ["image_token_pool=1x4", "image_resize=center_crop"]  # conf/backbone/glus_reference.yaml's inputs
 SIDE = 128  # tiny CLIP at 128 px with 8 px patches: a 16 x 16 grid, as CLIP ViT-L/14 at 224 px

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_backbones import EXPRESSIONS, FAMILIES, PROMPT, clip, randomize_lora, tiny_cfg
 
 from glus_lightning.backbones import build_backbone
 from glus_lightning.backbones.token_rows import RowTrainedEmbedding, RowTrainedHead
 from glus_lightning.config import ConfigError
-from tests.test_backbones import EXPRESSIONS, FAMILIES, PROMPT, clip, randomize_lora, tiny_cfg
 
 
 def pair(family: str):
