@@ -81,8 +81,11 @@ class GLUSModule(L.LightningModule):
             batch.context_frames[ev], query[ev], batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix,
             sizes=sizes,
         )
-        prompts = self.seg_projection(out.seg_hidden.to(self.seg_projection[0].weight.dtype))
-        return out.lm_loss, prompts
+        return out.lm_loss, self._project(out.seg_hidden)
+
+    def _project(self, seg_hidden: Tensor) -> Tensor:
+        """``[SEG]`` hidden states (the LM's dtype) -> SAM2 prompts, in the projection's dtype."""
+        return self.seg_projection(seg_hidden.to(self.seg_projection[0].weight.dtype))
 
     def forward(self, batch: RefVOSBatch) -> GLUSOutput:
         """Training forward: one window of Q query frames per video, memory bank over the window."""
@@ -132,18 +135,18 @@ class GLUSModule(L.LightningModule):
         for start in range(0, batch.num_query, window):
             frame_ids = list(range(start, min(start + window, batch.num_query)))
             if decoding == "sliding":
-                yield frame_ids, self._sliding_prompts(batch, frame_ids, prefix)
+                yield frame_ids, self._sliding_prompts(batch, frame_ids, prefix, size)
             else:
                 _, prompts = self.encode_window(batch, batch.query_frames[:, frame_ids], prefix)
                 yield frame_ids, prompts
 
-    def _sliding_prompts(self, batch: RefVOSBatch, frame_ids: list[int], prefix: PrefixCache | None) -> Tensor:
+    def _sliding_prompts(self, batch: RefVOSBatch, frame_ids: list[int], prefix: PrefixCache | None,
+                         size: tuple[int, int] | None) -> Tensor:
         """Prompts ``[E, w, P]`` as the GLUS reference decodes: frame f's ``[SEG]`` ends a conversation whose turns are
         frames ``f-k+1 .. f`` (k = ``data.num_query``, fewer at the start), earlier turns answered with the evaluation
         answer (which holds ``[SEG]``, what the reference's model writes there). One LM call per turn count, over
         every (expression, frame) pair of the window, continuing the shared prefix cache."""
         k, num_exp = self.cfg.data.num_query, len(batch.expressions)
-        size = None if batch.video_sizes is None else batch.video_sizes[0]
         prompts = {}
         for turns in sorted({min(f + 1, k) for f in frame_ids}):
             frames = [f for f in frame_ids if min(f + 1, k) == turns]
@@ -156,7 +159,7 @@ class GLUSModule(L.LightningModule):
                 [e for e in batch.expressions for _ in frames],
                 ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix, sizes=None if size is None else [size] * rows,
             )
-            last = self.seg_projection(out.seg_hidden[:, -1].to(self.seg_projection[0].weight.dtype)).view(num_exp, len(frames), -1)
+            last = self._project(out.seg_hidden[:, -1]).view(num_exp, len(frames), -1)
             prompts.update({f: last[:, i] for i, f in enumerate(frames)})
         return torch.stack([prompts[f] for f in frame_ids], dim=1)
 
