@@ -62,9 +62,12 @@ def expression_items(entry: dict[str, Any], where: str) -> list[tuple[str, dict[
     return [(str(k), v) for k, v in expressions.items()]
 
 
-def id_list(exp: dict[str, Any], key: str, where: str) -> list[str]:
-    """A non-empty list of integer ids, as strings (MeViS writes them as numbers or as strings)."""
+def id_list(exp: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> list[str]:
+    """A non-empty list of integer ids, as strings (MeViS writes them as numbers or as strings); with ``allow_empty`` a
+    missing or empty list is no ids (ReVOS's expressions without a target)."""
     values = exp.get(key)
+    if allow_empty and values in (None, []):
+        return []
     if not isinstance(values, list) or not values or not all(isinstance(v, (int, str)) and str(v).isdigit() for v in values):
         raise ConversionError(f"{where}: {key!r} must be a non-empty list of integer ids, got {values!r}")
     return [str(v) for v in values]

@@ -1,4 +1,5 @@
-"""``glus prepare``: official datasets or the synthetic one into WebDataset shards.
+"""``glus prepare``: official datasets, a folder of your own videos (``folder``, :mod:`datamodules.own_folder`) or the
+synthetic dataset into WebDataset shards.
 
 Every split goes to its own directory ``<out>/<split>/`` (shards ``<split>-000000.tar`` ... and
 ``manifest.json``), so splits never overwrite each other's manifest. A directory that already
@@ -18,6 +19,9 @@ from pathlib import Path
 
 from datamodules.converters import CONVERTER_VERSIONS, OPENERS
 from datamodules.formats import ConversionError
+from datamodules.own_folder import CONVERTER_VERSION as FOLDER_CONVERTER_VERSION
+from datamodules.own_folder import DATASET as FOLDER
+from datamodules.own_folder import GT_DIR, GroundTruth, open_folder
 from datamodules.shards import MANIFEST, Manifest, write_shards
 from datamodules.synthetic import DATASET, GENERATOR_VERSION, synthetic_records
 
@@ -35,6 +39,17 @@ def configure_prepare_parser(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--videos-per-shard", type=_positive, default=50, help="videos per .tar shard (default: 50)")
         sub.add_argument("--skip-bad", action="store_true", help="skip malformed videos (listed in the manifest) instead of failing")
         sub.add_argument("--min-frames", type=_positive, default=1, help="a video with fewer frames is bad (default: 1)")
+    sub = datasets.add_parser(FOLDER, help="convert a folder of your own videos (docs/own_data.md)",
+                              description="Convert a folder of your own videos, expressions and masks to shards in OUT/SPLIT/ "
+                              "(and, when labelled, ground truth for glus evaluate in OUT/SPLIT/gt/). Layout: docs/own_data.md.")
+    sub.add_argument("--root", type=Path, required=True, help="DIR/expressions.json or .csv, DIR/<video>/frames/ or DIR/<video>.mp4, "
+                     "DIR/<video>/masks/")
+    sub.add_argument("--split", default="train", help="split name: shards go to OUT/SPLIT/ (default: train)")
+    sub.add_argument("--out", type=Path, required=True, help="output root; shards go to OUT/SPLIT/")
+    sub.add_argument("--videos-per-shard", type=_positive, default=50, help="videos per .tar shard (default: 50)")
+    sub.add_argument("--skip-bad", action="store_true", help="skip malformed videos (listed in the manifest) instead of failing")
+    sub.add_argument("--min-frames", type=_positive, default=1, help="a video with fewer (annotated) frames is bad (default: 1; "
+                     "training needs data.num_query = 4)")
     sub = datasets.add_parser("synthetic", help="generate the built-in synthetic dataset", description="Write OUT/train and OUT/val.")
     sub.add_argument("--out", type=Path, required=True, help="output root; shards go to OUT/train/ and OUT/val/")
     sub.add_argument("--seed", type=int, default=0, help="same seed, byte-identical shards (default: 0)")
@@ -50,6 +65,10 @@ def run_prepare(args: argparse.Namespace) -> int:
         if args.dataset == "synthetic":
             manifests = prepare_synthetic(args.out, args.seed, args.num_train, args.num_val, args.frames, args.size)
             outs = {split: Path(args.out) / split for split in manifests}
+        elif args.dataset == FOLDER:
+            manifests = {args.split: prepare_folder(args.root, args.out, args.split, args.videos_per_shard, args.skip_bad,
+                                                    args.min_frames)}
+            outs = {args.split: Path(args.out) / args.split}
         else:
             manifests = {
                 args.split: prepare_official(
@@ -62,7 +81,30 @@ def run_prepare(args: argparse.Namespace) -> int:
         return 1
     for split, manifest in manifests.items():
         print(_summary(manifest, outs[split]))
+        gt = outs[split] / GT_DIR
+        if args.dataset == FOLDER and (gt / "meta_expressions.json").is_file():
+            print(f"ground truth for glus evaluate: --gt {gt / 'mask_dict.json'} --meta {gt / 'meta_expressions.json'}")
     return 0
+
+
+def prepare_folder(root: str | Path, out: str | Path, split: str = "train", videos_per_shard: int = 50, skip_bad: bool = False,
+                   min_frames: int = 1) -> Manifest:
+    """Convert a folder of your own videos (``datamodules.own_folder``) into ``out/split/``; a labelled split also gets
+    ``out/split/gt/{mask_dict.json, meta_expressions.json}`` for ``glus evaluate``. Notes go to stderr."""
+    out_dir = _fresh(Path(out) / split, split)
+    folder = open_folder(root, split, min_frames, skip_bad)
+    options = {"root": str(Path(root).resolve()), "split": split, "videos_per_shard": videos_per_shard, "skip_bad": skip_bad,
+               "min_frames": min_frames}
+    converter = {"name": FOLDER, "version": FOLDER_CONVERTER_VERSION, "options": options}
+    truth = GroundTruth()
+    with _removed_on_failure(out_dir, split):
+        manifest = write_shards(truth.collect(folder.source.records()), out_dir, FOLDER, split, videos_per_shard,
+                                total=len(folder.source.videos), skipped=folder.source.skipped, converter=converter)
+        if truth.videos:
+            truth.write(out_dir / GT_DIR)
+    for note in folder.notes():
+        print(note, file=sys.stderr)
+    return manifest
 
 
 def prepare_official(
@@ -75,10 +117,12 @@ def prepare_official(
     source = OPENERS[dataset](root, split, min_frames, skip_bad)
     options = {"root": str(Path(root).resolve()), "split": split, "videos_per_shard": videos_per_shard, "skip_bad": skip_bad,
                "min_frames": min_frames}
+    if source.layout is not None:  # the dataset has several layouts (LV-VIS): which one was read
+        options["layout"] = source.layout
     converter = {"name": dataset, "version": CONVERTER_VERSIONS[dataset], "options": options}
     with _removed_on_failure(out_dir, split):
         return write_shards(source.records(), out_dir, dataset, split, videos_per_shard, total=len(source.videos), skipped=source.skipped,
-                            converter=converter)
+                            converter=converter, no_target=source.no_target)
 
 
 def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames: int, size: int) -> dict[str, Manifest]:
@@ -103,6 +147,8 @@ def _summary(manifest: Manifest, out_dir: Path) -> str:
         f"{manifest.expressions} expressions, {manifest.objects} objects in {len(manifest.shards)} shards "
         f"({manifest.bytes / 1e6:.1f} MB) -> {out_dir}"
     )
+    if manifest.no_target_expressions:
+        line += f"; {manifest.no_target_expressions} expressions have no target (kept: empty masks)"
     if manifest.skipped:
         line += f"; skipped {len(manifest.skipped)} bad videos (listed in {out_dir / MANIFEST})"
     return line

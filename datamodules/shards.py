@@ -3,10 +3,12 @@
 Every prepared split holds ``manifest.json`` beside its shards. Besides the counts, it records:
 
 - ``format_version``: the shard format (:data:`datamodules.records.SHARD_FORMAT_VERSION`) the shards were written in;
-- ``converter``: ``{"name", "version", "options"}``, the converter (``mevis``, ``ref-youtube-vos``, ``ref-davis17``, or the
-  ``synthetic`` generator), its version (bumped when it writes different records from the same input) and the options it
-  was run with (e.g. ``split``, ``skip_bad``, ``min_frames``, ``videos_per_shard``; ``seed``, ``frames``, ``size`` for the
-  synthetic data); ``null`` for shards written by :func:`write_shards` outside ``glus prepare``;
+- ``converter``: ``{"name", "version", "options"}``, the converter (``mevis``, ``ref-youtube-vos``, ``ref-davis17``,
+  ``revos``, ``lv-vis``, or the ``synthetic`` generator), its version (bumped when it writes different records from the
+  same input) and the options it was run with (e.g. ``split``, ``skip_bad``, ``min_frames``, ``videos_per_shard``, and
+  ``layout`` for LV-VIS; ``seed``, ``frames``, ``size`` for the synthetic data); ``null`` for shards written by
+  :func:`write_shards` outside ``glus prepare``;
+- ``no_target_expressions``: expressions kept with an empty target (ReVOS no-target expressions; 0 elsewhere);
 - ``glus_lightning_version``: the package version that wrote them.
 
 :func:`check_shard_format` runs whenever shards are opened by pattern (``datamodule.resolve_shards``: ``glus fit``,
@@ -69,6 +71,7 @@ class Manifest:
     objects: int = 0
     bytes: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"video", "reason"} under --skip-bad
+    no_target_expressions: int = 0  # expressions kept without an object (empty target): ReVOS's no-target ones
     format_version: int = SHARD_FORMAT_VERSION
     converter: dict[str, Any] | None = None  # {"name", "version", "options"}; None if not written by `glus prepare`
     glus_lightning_version: str | None = None  # None in manifests written before it was recorded
@@ -167,12 +170,14 @@ def write_shards(
     total: int | None = None,
     skipped: list[dict[str, str]] | None = None,
     converter: dict[str, Any] | None = None,
+    no_target: list[str] | None = None,
 ) -> Manifest:
     """Write ``records`` to ``out_dir/<split>-000000.tar`` ... and save ``manifest.json`` beside them.
 
     ``skipped`` is a list the record source appends to (under ``--skip-bad``); it is read after the
     records are exhausted so the manifest counts what was left out. ``converter`` (``{"name", "version",
     "options"}``) says what made the records; the manifest also records the shard format and package versions.
+    ``no_target`` lists the expressions kept without a target, filled by the source as ``skipped`` is.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,5 +194,6 @@ def write_shards(
     manifest.shards = sorted(p.name for p in out.glob(f"{split}-*.tar"))
     manifest.bytes = sum((out / name).stat().st_size for name in manifest.shards)
     manifest.skipped = list(skipped or [])
+    manifest.no_target_expressions = len(no_target or [])
     manifest.save(out)
     return manifest

@@ -31,6 +31,10 @@ all expressions, and J&F = (J + F) / 2. Which frames count is the scoring protoc
   object here: a Ref-DAVIS17 run scored by the toolkit per annotator (one expression per object) and averaged over
   the annotators is the mean over all expressions when every annotator describes every object. A video with fewer
   than 3 annotated frames has nothing left to score and is an error (the toolkit would average an empty list to NaN).
+- ``revos``: ReVOS (VISA's ``tools/eval_revos.py``): every frame of a ``mask_dict.json``, plus A (pixel accuracy) and R
+  (robustness, which needs the video's foreground: ``--foreground`` or the union of its annotated objects) per
+  expression, averaged per expression type; overall is the mean of the referring and reasoning means
+  (:mod:`glus_lightning.revos_scores`, which also says where this departs from the official script).
 
 The per-frame J and F are the toolkit's (``davis2017/metrics.py``, see :mod:`glus_lightning.metrics.davis`). What the
 toolkit does and no protocol here repeats: it reads one palette PNG per frame holding every object of an annotator
@@ -70,14 +74,13 @@ from datamodules.formats import (
     read_object_ids,
 )
 from datamodules.records import RecordError, decode_rle
+from glus_lightning import revos_scores
+from glus_lightning.evaluation_errors import EvaluationError
 from glus_lightning.metrics import JAndF
 
 SCORES = ("J", "F", "J&F")
 CSV_COLUMNS = ("level", "video", "exp_id", "frames", "missing_frames", *SCORES)
-
-
-class EvaluationError(ValueError):
-    """Ground truth, metadata or a prediction file is malformed; the message names the file."""
+EXTRA_SCORES = ("A", "R")  # ReVOS only; their CSV columns, and ``type``, follow CSV_COLUMNS when a result has them
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Target:
     exp_id: str
     frames: list[str]
     masks: np.ndarray
+    foreground: np.ndarray | None = None  # ReVOS: every annotated object of the video ``[T, H, W]``, for R
 
     @property
     def key(self) -> str:
@@ -111,7 +115,8 @@ class Protocol:
                 f"{target.key}: {len(target.frames)} annotated frame(s); protocol {self.name} leaves out the first and last "
                 "frame of each video, so nothing would be scored (the DAVIS-2017 toolkit averages an empty list to NaN)"
             )
-        return Target(target.video, target.exp_id, target.frames[1:-1], target.masks[1:-1])
+        foreground = None if target.foreground is None else target.foreground[1:-1]
+        return Target(target.video, target.exp_id, target.frames[1:-1], target.masks[1:-1], foreground)
 
 
 PROTOCOLS = {
@@ -122,6 +127,8 @@ PROTOCOLS = {
                  False),
         Protocol("davis17-toolkit", "DAVIS-2017 toolkit: first and last annotated frame of each video left out, J and F averaged "
                  "per expression (object), then over expressions", True),
+        Protocol("revos", "ReVOS (VISA's eval_revos.py): every frame, J, F, A and R averaged per expression, then per type; "
+                 "overall = mean of the referring and reasoning means", False),
     )
 }
 
@@ -143,6 +150,8 @@ class EvaluationResult:
     absent_videos: list[str] = field(default_factory=list)  # videos without any prediction
     absent_expressions: list[str] = field(default_factory=list)  # expression keys without any prediction: J = F = 0
     protocol: str | None = None  # the scoring protocol (PROTOCOLS), None when not known (scores from a model's loop)
+    types: dict[str, str] = field(default_factory=dict)  # ReVOS: expression key -> referring, reasoning or other
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)  # ReVOS: mean scores per aggregated type
 
     @classmethod
     def from_expressions(
@@ -161,18 +170,32 @@ class EvaluationResult:
         by_video: dict[str, list[str]] = {}
         for key in expressions:
             by_video.setdefault(key.rpartition("/")[0], []).append(key)
-        videos = {video: _mean_scores([expressions[k] for k in keys]) for video, keys in by_video.items()}
+        videos = {video: mean_scores([expressions[k] for k in keys]) for video, keys in by_video.items()}
         absent_set = set(absent)
         absent_videos = [video for video, keys in by_video.items() if absent_set.issuperset(keys)]
-        overall = _mean_scores(list(expressions.values()))
+        overall = mean_scores(list(expressions.values()))
         return cls(expressions, videos, overall, frames or {}, missing or {}, absent_videos, absent, protocol)
 
+    def by_type(self, types: dict[str, str]) -> EvaluationResult:
+        """ReVOS: means per aggregated type (``groups``) and overall = their mean; ``types``: expression key -> type."""
+        names = score_names(self.overall)
+        self.types = {key: types[key] for key in self.expressions}
+        self.groups = {kind: mean_scores([s for k, s in self.expressions.items() if types[k] == kind], names)
+                       for kind in revos_scores.AGGREGATED}
+        self.overall = {n: float(np.mean([group[n] for group in self.groups.values()])) for n in names}
+        return self
 
-def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Mean J and F of expressions and their J&F (NaN when there are none)."""
-    j = float(np.mean([r["J"] for r in rows])) if rows else float("nan")
-    f = float(np.mean([r["F"] for r in rows])) if rows else float("nan")
-    return {"J": j, "F": f, "J&F": (j + f) / 2}
+
+def mean_scores(rows: list[dict[str, float]], names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Mean of each score over expressions (``names``, default those of the first row), J&F = (J + F) / 2; NaN if no rows."""
+    names = names or (tuple(rows[0]) if rows else SCORES)
+    means = {n: float(np.mean([r[n] for r in rows])) if rows else float("nan") for n in names}
+    return {**means, "J&F": (means["J"] + means["F"]) / 2}
+
+
+def score_names(scores: dict[str, float]) -> tuple[str, ...]:
+    """J, F, J&F and, where present, A and R: the columns of the table and CSV."""
+    return (*SCORES, *(n for n in EXTRA_SCORES if n in scores))
 
 
 # ------------------------------------------------------------------------------------ predictions
@@ -256,8 +279,11 @@ def _meta_videos(meta: Path) -> dict[str, Any]:
     return meta_videos(Path(meta))
 
 
-def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
-    """Number of expressions and a reader of MeViS targets (union of each expression's ``anno_id`` masks)."""
+def mevis_ground_truth(mask_dict: Path, meta: Path, foreground: revos_scores.Foreground | None = None) -> tuple[int, GroundTruth]:
+    """Number of expressions and a reader of MeViS targets (union of each expression's ``anno_id`` masks).
+
+    With ``foreground``, each target also carries its video's foreground, made from all objects of the video (ReVOS).
+    """
     videos = _meta_videos(meta)
     if not Path(mask_dict).is_file():
         raise EvaluationError(f"--gt {mask_dict}: file not found")
@@ -270,7 +296,9 @@ def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
             where = f"{meta}: video {video!r}"
             frames = frame_names(entry, where)
             items = expression_items(entry, where)
-            annos = {exp_id: id_list(exp, "anno_id", f"{where} expression {exp_id}") for exp_id, exp in items}
+            # ReVOS (with a foreground) has expressions without a target: no anno_id, scored against empty masks
+            annos = {exp_id: id_list(exp, "anno_id", f"{where} expression {exp_id}", allow_empty=foreground is not None)
+                     for exp_id, exp in items}
             for exp_id, ids in annos.items():
                 for anno_id in ids:
                     _check_object(rles.get(anno_id), len(frames), f"{mask_dict}: anno_id {anno_id} of {video}/{exp_id}")
@@ -281,13 +309,15 @@ def mevis_ground_truth(mask_dict: Path, meta: Path) -> tuple[int, GroundTruth]:
             else:
                 shape = predictions.size(video, list(annos), frames) or (1, 1)
             decoded: dict[str, np.ndarray] = {}
+            for anno_id in (a for ids in annos.values() for a in ids):
+                if anno_id not in decoded:
+                    decoded[anno_id] = _decode_object(rles[anno_id], shape, f"{mask_dict}: anno_id {anno_id} ({video})")
+            video_foreground = foreground(video, len(frames), shape, decoded) if foreground else None
             for exp_id, ids in annos.items():
                 target = np.zeros((len(frames), *shape), dtype=bool)
                 for anno_id in ids:
-                    if anno_id not in decoded:
-                        decoded[anno_id] = _decode_object(rles[anno_id], shape, f"{mask_dict}: anno_id {anno_id} ({video})")
                     target |= decoded[anno_id]
-                yield Target(video, exp_id, frames, target)
+                yield Target(video, exp_id, frames, target, video_foreground)
 
     return sum(len(expression_items(e, f"{meta}: video {v!r}")) for v, e in videos.items()), read
 
@@ -352,21 +382,33 @@ def open_ground_truth(gt: str | Path, meta: str | Path) -> tuple[int, GroundTrut
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool = True, protocol: str | None = None) -> EvaluationResult:
+def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool = True, protocol: str | None = None,
+             foreground: str | Path | None = None) -> EvaluationResult:
     """Score the predictions at ``pred`` against ``gt`` for every expression of ``meta`` (see the module doc).
 
     ``protocol`` is a name of ``PROTOCOLS``; None picks it from the ground-truth layout (``default_protocol``).
+    ``foreground`` is ReVOS's ``mask_dict_foreground.json`` (protocol ``revos`` only; None: computed).
     """
     name = protocol or default_protocol(gt)
     if name not in PROTOCOLS:
         raise EvaluationError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
     rule = PROTOCOLS[name]
-    total, targets = open_ground_truth(gt, meta)
+    revos = name == "revos"
+    if revos:
+        if Path(gt).suffix != ".json":
+            raise EvaluationError(f"--gt {gt}: protocol revos needs ReVOS's mask_dict.json")
+        total, targets = mevis_ground_truth(Path(gt), Path(meta), revos_scores.foreground_reader(foreground, Path(gt)))
+        types = revos_scores.expression_types(Path(meta))
+    elif foreground is not None:
+        raise EvaluationError(f"--foreground {foreground}: only protocol revos uses a foreground (got protocol {name})")
+    else:
+        total, targets = open_ground_truth(gt, meta)
     predictions = Predictions(pred)
     metric = JAndF().set_dtype(torch.float64)  # per-expression values go to the CSV at full precision
     frames: dict[str, int] = {}
     missing: dict[str, int] = {}
     absent: list[str] = []
+    extra: dict[str, dict[str, float]] = {}  # A and R (ReVOS)
     for whole in tqdm(targets(predictions), total=total, desc="evaluate", unit="expr", disable=not progress):
         target = rule.scored(whole)  # predictions of frames left out are not read
         pred_masks = np.zeros_like(target.masks)
@@ -384,61 +426,85 @@ def evaluate(pred: str | Path, gt: str | Path, meta: str | Path, progress: bool 
             absent.append(target.key)  # scored 0 below, as the official script scores a missing video
         else:
             metric.update(torch.from_numpy(pred_masks), torch.from_numpy(target.masks), key=target.key)
+            if revos:
+                extra[target.key] = revos_scores.pixel_scores(pred_masks, target.masks, target.foreground)
     scored = metric.per_expression()
-    expressions = {key: scored.get(key) or {"J": 0.0, "F": 0.0, "J&F": 0.0} for key in frames}  # in the metadata's order
-    return EvaluationResult.from_expressions(expressions, frames, missing, absent, protocol=name)
+    zero = dict.fromkeys((*SCORES, *(EXTRA_SCORES if revos else ())), 0.0)
+    expressions = {key: {**(scored.get(key) or zero), **extra.get(key, {})} for key in frames}  # in the metadata's order
+    result = EvaluationResult.from_expressions(expressions, frames, missing, absent, protocol=name)
+    return result.by_type(types) if revos else result
 
 
 def write_csv(result: EvaluationResult, path: str | Path) -> Path:
-    """One row per expression, then per video, then ``overall``; scores as fractions in [0, 1], frames empty if unknown."""
+    """One row per expression, then per video, then ``overall``; scores as fractions in [0, 1], frames empty if unknown.
+
+    A ReVOS result adds the columns A, R and ``type`` (of an expression, or of a ``type`` row: the mean of that type's
+    expressions, before ``overall``, which is the mean of those rows).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = score_names(result.overall)
+    typed = bool(result.types)
+
+    def counts(keys: list[str]) -> list[Any]:
+        return [sum(result.frames.get(k, 0) for k in keys) if result.frames else "", sum(result.missing.get(k, 0) for k in keys)]
+
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow([*CSV_COLUMNS, *names[len(SCORES):], *(["type"] if typed else [])])
         for key, scores in result.expressions.items():
             video, _, exp_id = key.rpartition("/")
-            counts = [result.frames.get(key, ""), result.missing.get(key, 0)]
-            writer.writerow(["expression", video, exp_id, *counts, *_cells(scores)])
+            kind = [result.types.get(key, "")] if typed else []
+            writer.writerow(["expression", video, exp_id, result.frames.get(key, ""), result.missing.get(key, 0),
+                             *_cells(scores, names), *kind])
         for video, scores in result.videos.items():
             keys = [k for k in result.expressions if k.rpartition("/")[0] == video]
-            frames = sum(result.frames.get(k, 0) for k in keys) if result.frames else ""
-            writer.writerow(["video", video, "", frames, sum(result.missing.get(k, 0) for k in keys), *_cells(scores)])
-        counts = [sum(result.frames.values()) if result.frames else "", sum(result.missing.values())]
-        writer.writerow(["overall", "", "", *counts, *_cells(result.overall)])
+            writer.writerow(["video", video, "", *counts(keys), *_cells(scores, names), *([""] if typed else [])])
+        for kind, scores in result.groups.items():
+            keys = [k for k in result.expressions if result.types.get(k) == kind]
+            writer.writerow(["type", "", "", *counts(keys), *_cells(scores, names), kind])
+        writer.writerow(["overall", "", "", *counts(list(result.expressions)), *_cells(result.overall, names),
+                         *([""] if typed else [])])
     return path
 
 
-def _cells(scores: dict[str, float]) -> list[str]:
-    return [f"{scores[name]:.6f}" for name in SCORES]
+def _cells(scores: dict[str, float], names: tuple[str, ...]) -> list[str]:
+    return [f"{scores[name]:.6f}" for name in names]
 
 
 def format_table(result: EvaluationResult) -> str:
     """Per-video and overall scores in percent, and the expressions that lacked predictions."""
-    width = max([len("overall"), *(len(v) for v in result.videos)])
-    header = f"{'video':<{width}}  {'J':>6}  {'F':>6}  {'J&F':>6}"
+    names = score_names(result.overall)
+    zero = " = ".join(n for n in names if n != "J&F") + " = 0"
+    width = max([len("overall"), *(len(v) for v in [*result.videos, *result.groups])])
+    header = f"{'video':<{width}}  " + "  ".join(f"{n:>6}" for n in names)
     lines = [header]
     if result.protocol:
         summary = PROTOCOLS[result.protocol].summary if result.protocol in PROTOCOLS else ""
         lines.insert(0, f"protocol: {result.protocol}" + (f" ({summary})" if summary else ""))
-    rows = [*result.videos.items(), ("overall", result.overall)]
-    for i, (name, scores) in enumerate(rows):
-        if i == len(rows) - 1:
+    summaries = [*result.groups.items(), ("overall", result.overall)]
+    for i, (name, scores) in enumerate([*result.videos.items(), *summaries]):
+        if i == len(result.videos):
             lines.append("-" * len(header))
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * scores[s]:6.2f}" for s in SCORES))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * scores[s]:6.2f}" for s in names))
     lines.append(f"{len(result.expressions)} expressions in {len(result.videos)} videos")
+    if result.types:
+        kinds = [result.types[k] for k in result.expressions]
+        counted = ", ".join(f"{kinds.count(kind)} {kind}" for kind in dict.fromkeys([*result.groups, *kinds]))
+        lines.append(f"expression types: {counted}; overall = mean of the {' and '.join(result.groups)} rows "
+                     "(other: in the video rows only)")
     absent, absent_videos = set(result.absent_expressions), set(result.absent_videos)
     in_absent_videos = [k for k in result.absent_expressions if k.rpartition("/")[0] in absent_videos]
     others = [k for k in result.absent_expressions if k.rpartition("/")[0] not in absent_videos]
     if result.absent_videos:
         lines.append(
             f"no predictions for {len(result.absent_videos)} of {len(result.videos)} videos "
-            f"({_count(len(in_absent_videos), 'expression')}), scored J = F = 0: {_some(result.absent_videos)}"
+            f"({_count(len(in_absent_videos), 'expression')}), scored {zero}: {_some(result.absent_videos)}"
         )
     if others:
         lines.append(
             f"no predictions for {_count(len(others), 'more expression')} (of videos that have some), "
-            f"scored J = F = 0: {_some(others)}"
+            f"scored {zero}: {_some(others)}"
         )
     partial = {key: n for key, n in result.missing.items() if key not in absent}
     if partial:
@@ -468,12 +534,16 @@ def default_csv_path(pred: str | Path) -> Path:
 
 def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, help="DIR/<video>/<exp_id>/<frame>.png, DIR/Annotations/..., .zip")
-    parser.add_argument("--gt", type=Path, required=True, help="MeViS mask_dict.json or a Ref-YouTube-VOS/DAVIS Annotations dir")
+    parser.add_argument("--gt", type=Path, required=True, help="MeViS or ReVOS mask_dict.json, or a Ref-YouTube-VOS/DAVIS Annotations dir")
     parser.add_argument("--meta", type=Path, required=True, help="meta_expressions.json of the split")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
                         help="which frames count: mevis (every frame), davis17 (every annotated frame, as GLUS scores Ref-DAVIS17; "
                         "same numbers as mevis), davis17-toolkit (the DAVIS-2017 toolkit: first and last frame of each video left "
-                        "out). Default: mevis for a mask_dict.json, davis17 for an Annotations dir")
+                        "out), revos (ReVOS: adds A and R, means per expression type, needs a mask_dict.json). Default: mevis for a "
+                        "mask_dict.json, davis17 for an Annotations dir")
+    parser.add_argument("--foreground", type=Path, default=None,
+                        help="ReVOS mask_dict_foreground.json (--protocol revos; default: each video's foreground is the union "
+                        "of the objects of all its expressions, as ReVOS's generate_foreground_mask.py makes it)")
     parser.add_argument("--csv", type=Path, default=None, help="per-expression, video and overall CSV (default: <pred>_eval.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -481,7 +551,8 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``glus evaluate``: table to stdout, CSV written; exit code 1 with a message on malformed input."""
     try:
-        result = evaluate(args.pred, args.gt, args.meta, progress=not args.no_progress, protocol=args.protocol)
+        result = evaluate(args.pred, args.gt, args.meta, progress=not args.no_progress, protocol=args.protocol,
+                          foreground=args.foreground)
     except (EvaluationError, ConversionError, RecordError) as err:
         print(f"glus evaluate: error: {err}", file=sys.stderr)
         return 1

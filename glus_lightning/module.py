@@ -70,26 +70,17 @@ class GLUSModule(L.LightningModule):
         self.train()
 
     # ----------------------------------------------------------------------------------- forward
-    def encode_window(self, batch: RefVOSBatch, query: Tensor, prefix: PrefixCache | None = None) -> tuple[Tensor, Tensor]:
-        """LM loss and projected ``[SEG]`` prompts ``[E, q, P]`` for query frames ``[B, q, 3, S, S]``.
-
-        ``prefix``: the cached prompt prefix of the (single) video's context frames, see ``MLLMBackbone.encode_prefix``.
-        """
-        ev = batch.expression_video
-        sizes = None if batch.video_sizes is None else [batch.video_sizes[b] for b in ev.tolist()]
-        out = self.backbone.encode(
-            batch.context_frames[ev], query[ev], batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix,
-            sizes=sizes,
-        )
-        return out.lm_loss, self._project(out.seg_hidden)
-
     def _project(self, seg_hidden: Tensor) -> Tensor:
         """``[SEG]`` hidden states (the LM's dtype) -> SAM2 prompts, in the projection's dtype."""
         return self.seg_projection(seg_hidden.to(self.seg_projection[0].weight.dtype))
 
     def forward(self, batch: RefVOSBatch) -> GLUSOutput:
         """Training forward: one window of Q query frames per video, memory bank over the window."""
-        lm_loss, prompts = self.encode_window(batch, batch.query_frames)
+        out = self.backbone.encode(  # each video's frames through the vision tower once for all of its expressions
+            batch.context_frames, batch.query_frames, batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg,
+            sizes=batch.video_sizes, rows=batch.expression_video,
+        )
+        lm_loss, prompts = out.lm_loss, self._project(out.seg_hidden)
         q = batch.num_query
         features = self.segmenter.encode_frames(batch.query_frames.flatten(0, 1))
         rows = batch.expression_video[:, None] * q + torch.arange(q, device=prompts.device)
@@ -98,29 +89,38 @@ class GLUSModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Tensor:
-        """Mask logits ``[E, T, h, w]`` for every frame of one video (batch of 1 video, all frames as query).
+        """Mask logits ``[E, T, h, w]`` for every frame of one video (batch of 1 video, all frames as query): the
+        windows of ``stream_video`` put together (validation and test score whole videos)."""
+        return torch.cat([logits for _, logits in self.stream_video(batch, progress)], dim=1)
+
+    @torch.no_grad()
+    def stream_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Iterator[tuple[list[int], Tensor]]:
+        """``(frame ids, mask logits [E, w, h, w])`` of one video, window by window, each final when it is yielded.
 
         Windows of ``inference.window`` frames share the evaluation context frames; each frame's image features
-        are computed once, and with ``inference.kv_cache`` the prompt prefix (system, context frames, instruction)
-        is encoded once per video instead of once per window. Sequential by default, the memory bank carried
-        across windows from the first frame on; with ``inference.keyframes`` each expression starts at the frame
-        its refined scorer rates best and propagates from there forward and backward. ``progress(n)`` is called as
-        each window's n frames are through the MLLM (keyframe mode: before propagation, SAM2 only).
+        are computed once for all expressions, and with ``inference.kv_cache`` the prompt prefix (system, context frames,
+        instruction) is encoded once per video instead of once per window. Sequential by default, the memory bank
+        carried across windows from the first frame on: nothing per frame outlives its window, so memory does not
+        grow with the video's length, and the batch's frames may stay on the CPU (each window's go to the model's
+        device). With ``inference.keyframes`` each expression starts at the frame its refined scorer rates best and
+        propagates from there forward and backward: that needs every frame's features first, so the whole video comes
+        as one window at the end. ``progress(n)`` is called as each window's n frames are through the MLLM (keyframe
+        mode: before propagation, SAM2 only).
         """
         if batch.frames.shape[0] != 1:
             raise ValueError(f"predict_video takes one video per batch, got {batch.frames.shape[0]}")
         if self.cfg.inference.keyframes:
             # collect_evidence, not self.frame_evidence: FSDP2 forward methods must not nest (see configure_model)
-            evidence = collect_evidence(self.segmenter, batch.query_frames[0], _reported(self._window_prompts(batch), progress))
-            return predict_from_keyframes(self.frame_scorer, self.segmenter, evidence)
+            frames = batch.query_frames[0].to(self.device)
+            evidence = collect_evidence(self.segmenter, frames, _reported(self._window_prompts(batch), progress))
+            yield list(range(batch.num_query)), predict_from_keyframes(self.frame_scorer, self.segmenter, evidence)
+            return
         memory = self.segmenter.new_memory(len(batch.expressions))
-        logits = []
         for frame_ids, prompts in _reported(self._window_prompts(batch), progress):
-            features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids])
+            features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids].to(self.device))
             rows = torch.arange(len(frame_ids), device=prompts.device).expand(len(batch.expressions), -1)
             track = self.segmenter.track(self.segmenter.select(features, rows), prompts, memory=memory, frame_ids=frame_ids)
-            logits.append(track.mask_logits)
-        return torch.cat(logits, dim=1)
+            yield frame_ids, track.mask_logits
 
     def _window_prompts(self, batch: RefVOSBatch) -> Iterator[tuple[list[int], Tensor]]:
         """Frame ids of each inference window of one video and their prompts ``[E, w, P]``."""
@@ -128,19 +128,22 @@ class GLUSModule(L.LightningModule):
         if window < 1:
             raise ValueError(f"inference.window must be >= 1, got {window}")
         size = None if batch.video_sizes is None else batch.video_sizes[0]
-        prefix = self.backbone.encode_prefix(batch.context_frames[0], size) if self.cfg.inference.kv_cache else None
+        context = batch.context_frames.to(self.device)
+        prefix = self.backbone.encode_prefix(context[0], size) if self.cfg.inference.kv_cache else None
         decoding = self.cfg.inference.decoding
         if decoding not in DECODINGS:
             raise ValueError(f"inference.decoding={decoding!r} is not valid; valid: {', '.join(DECODINGS)}")
         for start in range(0, batch.num_query, window):
             frame_ids = list(range(start, min(start + window, batch.num_query)))
             if decoding == "sliding":
-                yield frame_ids, self._sliding_prompts(batch, frame_ids, prefix, size)
+                yield frame_ids, self._sliding_prompts(batch, context, frame_ids, prefix, size)
             else:
-                _, prompts = self.encode_window(batch, batch.query_frames[:, frame_ids], prefix)
-                yield frame_ids, prompts
+                query = batch.query_frames[:, frame_ids].to(self.device)
+                out = self.backbone.encode(context, query, batch.expressions, ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix,
+                                           sizes=batch.video_sizes, rows=batch.expression_video.to(self.device), with_loss=False)
+                yield frame_ids, self._project(out.seg_hidden)
 
-    def _sliding_prompts(self, batch: RefVOSBatch, frame_ids: list[int], prefix: PrefixCache | None,
+    def _sliding_prompts(self, batch: RefVOSBatch, context: Tensor, frame_ids: list[int], prefix: PrefixCache | None,
                          size: tuple[int, int] | None) -> Tensor:
         """Prompts ``[E, w, P]`` as the GLUS reference decodes: frame f's ``[SEG]`` ends a conversation whose turns are
         frames ``f-k+1 .. f`` (k = ``data.num_query``, fewer at the start), earlier turns answered with the evaluation
@@ -151,13 +154,11 @@ class GLUSModule(L.LightningModule):
         for turns in sorted({min(f + 1, k) for f in frame_ids}):
             frames = [f for f in frame_ids if min(f + 1, k) == turns]
             windows = torch.tensor([list(range(f - turns + 1, f + 1)) for f in frames], device=batch.frames.device)
-            query = batch.query_frames[0][windows]  # [F, turns, 3, S, S]
-            rows = len(frames) * num_exp  # expression-major: row e * F + i is expression e at frames[i]
+            rows = torch.arange(len(frames), device=self.device).repeat(num_exp)  # expression-major: e * F + i -> frames[i]
             out = self.backbone.encode(
-                batch.context_frames[:1].expand(rows, *batch.context_frames.shape[1:]),
-                query[None].expand(num_exp, *query.shape).flatten(0, 1),
-                [e for e in batch.expressions for _ in frames],
-                ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix, sizes=None if size is None else [size] * rows,
+                context[:1], batch.query_frames[0][windows].to(self.device), [e for e in batch.expressions for _ in frames],
+                ce_only_seg=self.cfg.loss.ce_only_seg, prefix=prefix, sizes=None if size is None else [size] * len(frames),
+                rows=rows, with_loss=False,
             )
             last = self._project(out.seg_hidden[:, -1]).view(num_exp, len(frames), -1)
             prompts.update({f: last[:, i] for i, f in enumerate(frames)})

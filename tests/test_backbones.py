@@ -193,7 +193,7 @@ def test_bad_frames_are_rejected_with_a_clear_error(tiny):
     context, query = clip(tiny)
     with pytest.raises(ValueError, match="uint8"):
         tiny.encode(context.float(), query, EXPRESSIONS, True)
-    with pytest.raises(ValueError, match="same E"):
+    with pytest.raises(ValueError, match="3 frame sets for 2 expressions"):
         tiny.encode(context, query, EXPRESSIONS[:2], True)
 
 
@@ -397,3 +397,44 @@ def test_tiny_tokenizer_is_deterministic_with_whole_word_tokens(family):
     assert first.get_vocab() == build_tiny_tokenizer(tokens, texts, 1024).get_vocab()
     for word in PROMPT_WORDS.split():  # inside a sentence, after a space
         assert len(first(f" {word}", add_special_tokens=False).input_ids) == 1, word
+
+
+# ---- shared frames ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expressions_of_a_video_share_its_vision_features_with_the_same_outputs_and_gradients(family):
+    """Two videos, three expressions (two on video 1): the tower sees each video's frames once (B x (C+Q) frames, not
+    E x (C+Q)), and the [SEG] states, LM loss and gradients equal those of one frame copy per expression."""
+    bb = build_backbone(tiny_cfg(family, "lora.enabled=true"), PROMPT).train()
+    randomize_lora(bb)
+    context, query = frames(2, 2, bb.image_size, 3), frames(2, 2, bb.image_size, 4)
+    rows = torch.tensor([0, 1, 1])
+    seen: list[int] = []
+    bb.hf_model.get_submodule(bb.vision_module).register_forward_hook(
+        lambda _m, args, kwargs, _out: seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    trained = [p for p in bb.parameters() if p.requires_grad]
+
+    def run(shared: bool):
+        seen.clear()
+        bb.zero_grad()
+        torch.manual_seed(0)  # LoRA dropout draws the same masks in both runs
+        if shared:
+            out = bb.encode(context, query, EXPRESSIONS, ce_only_seg=False, rows=rows)
+        else:
+            out = bb.encode(context[rows], query[rows], EXPRESSIONS, ce_only_seg=False)
+        (out.lm_loss + out.seg_hidden.float().pow(2).mean()).backward()
+        return out, sum(seen), [p.grad.clone() for p in trained]
+
+    shared, shared_frames, shared_grads = run(True)
+    copies, copies_frames, copies_grads = run(False)
+    # the qwen tower patchifies: count the merged images by the (C+Q) frames the first forward got per image
+    per_frame = copies_frames // (3 * 4)
+    assert shared_frames == 2 * 4 * per_frame and copies_frames == 3 * 4 * per_frame
+    torch.testing.assert_close(shared.seg_hidden, copies.seg_hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shared.lm_loss, copies.lm_loss, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+    for a, b in zip(shared_grads, copies_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    with torch.no_grad():
+        assert bb.encode(context, query, EXPRESSIONS, ce_only_seg=False, rows=rows, with_loss=False).lm_loss is None

@@ -109,3 +109,28 @@ def test_keyframes_are_the_frames_of_highest_score():
 def test_an_unfitted_scorer_is_refused_with_the_command_that_fits_it():
     with pytest.raises(RuntimeError, match="glus refine-scores"):
         pick_keyframes(scorer_of_iou_pred(8, refined=False), evidence_with(torch.rand(2, T), 8))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stride", [1, 3])
+def test_distinct_keyframes_run_in_one_batched_pass_bit_equal_to_separate_tracks(stride):
+    """Five tracks, five different keyframes: one forward and one backward sweep per class of keyframes modulo the
+    memory stride (one at SAM2's stride 1), not one per keyframe; each track bit-equal to its own forward and backward
+    tracks under its real frame indices (the stride's every-3rd-frame memory rule included), run at the batch size of
+    its pass, in its place there: CPU kernels round differently at other batch sizes and places (about 1e-7 here),
+    which is no difference of method."""
+    seg = make([f"memory.eval_stride={stride}"]).eval()
+    features = seg.encode_frames(frames_like(seg, T))
+    prompts = prompts_like(seg, 5, T, seed=1)
+    keyframes = [4, 0, 5, 2, 3]
+    calls: list[int] = []
+    real_track = seg.track
+    seg.track = lambda *a, **k: calls.append(1) or real_track(*a, **k)
+    out = track_from_keyframes(seg, features, prompts, keyframes)
+    seg.track = real_track
+    residues = len({k % stride for k in keyframes})
+    assert len(calls) == 3 * residues  # per pass: the keyframe, the rest forward, backward
+    for row, keyframe in enumerate(keyframes):
+        group = [i for i, k in enumerate(keyframes) if k % stride == keyframe % stride]  # this track's pass
+        expected, _, _ = reference(seg, features, prompts[row : row + 1].expand(len(group), -1, -1), keyframe)
+        assert torch.equal(out.mask_logits[row], expected[group.index(row)]), (row, keyframe)

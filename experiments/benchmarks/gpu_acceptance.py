@@ -13,7 +13,7 @@ Each phase (forward, backward, optimiser step, inference) is timed between ``tor
 its peak read from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the phase's start. The
 JSON (rewritten after every section, so a timeout keeps what finished) holds the torch / transformers / GPU names
 and every config override used. ``--smoke`` runs the same code on the CPU with 1 layer, 1 step and 4 frames (memory
-there: tensor bytes above the weights, see ``rehearsal.LiveTensorBytes``) and SAM2 Hiera-T at 256 px (Hiera-L at
+there: tensor bytes above the weights, see ``tensor_memory.LiveTensorBytes``) and SAM2 Hiera-T at 256 px (Hiera-L at
 1024 px takes many minutes per step on a CPU), and skips FSDP1, which needs CUDA.
 
     python experiments/benchmarks/gpu_acceptance.py --out runs/gpu_acceptance.json
@@ -205,7 +205,7 @@ def main() -> None:
                               "smoke": args.smoke, "smoke_overrides": extra, "backbone": args.backbone, "layers": args.layers or "full",
                               "environment": environment(device), "memory_counter": (
                                   "torch.cuda.max_memory_allocated, reset per phase" if device.type == "cuda" else
-                                  "CPU: tensor bytes made in the phase (rehearsal.LiveTensorBytes), weights and optimiser state "
+                                  "CPU: tensor bytes made in the phase (tensor_memory.LiveTensorBytes), weights and optimiser state "
                                   "made before it not included"), "sections": {}, "skipped": {}}
 
     def save() -> None:

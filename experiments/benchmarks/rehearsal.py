@@ -16,7 +16,7 @@ vocabularies when the real one does not fit here, ``--vocab V1 V2``). Component 
 way (LM by LM depth, vision tower by vision depth); CPU times only rank the components, they are not GPU times.
 
 Memory is tensor memory, as a GPU's allocator counts it: on CUDA ``torch.cuda.max_memory_allocated`` (reset per
-span), on the CPU the bytes of live tensor storages, tracked op by op (``LiveTensorBytes``; the process's RSS is
+span), on the CPU the bytes of live tensor storages, tracked op by op (``glus_lightning.tensor_memory.LiveTensorBytes``; the process's RSS is
 too coarse: glibc keeps freed memory and caches come and go).
 
     python experiments/benchmarks/rehearsal.py --backbone llava_7b                          # depths 1, 2; bf16 + QLoRA
@@ -219,6 +219,19 @@ def _fp32_kernel_ops() -> set[Any]:
     return {getattr(aten, n) for n in names if hasattr(aten, n)}
 
 
+@functools.cache
+def _fp32_ops() -> frozenset[Any]:
+    return frozenset(_fp32_kernel_ops())
+
+
+def fp32_kernels(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The kernel ``LiveTensorBytes`` runs each op with: matmuls, convolutions and attention through
+    ``bf16_through_fp32_kernel`` (same outputs' dtypes, ~100x faster here), everything else as it is."""
+    if func.overloadpacket in _fp32_ops():
+        return bf16_through_fp32_kernel(func, args, kwargs)
+    return func(*args, **kwargs)
+
+
 def bf16_through_fp32_kernel(func: Any, args: tuple, kwargs: dict) -> Any:
     """``func`` on bf16 tensors computed by its fp32 kernel, each output rounded to the dtype the bf16 kernel returns.
 
@@ -243,56 +256,6 @@ def bf16_through_fp32_kernel(func: Any, args: tuple, kwargs: dict) -> Any:
     out, out_spec = tree_flatten(func(*up_args, **up_kwargs))
     cast = [o.to(e.dtype) if isinstance(o, torch.Tensor) and isinstance(e, torch.Tensor) else o for o, e in zip(out, expected, strict=True)]
     return tree_unflatten(cast, out_spec)
-
-
-class LiveTensorBytes:
-    """CPU stand-in for the CUDA allocator's counters: bytes of the tensor storages created while it is active.
-
-    A ``TorchDispatchMode`` sees every aten op (forward, backward, recomputation, optimiser), records each new output
-    storage once and subtracts it when the storage is freed (a weakref finalizer), so ``live`` and ``peak`` count
-    tensors exactly as ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` do on a GPU (the process's RSS
-    does not: glibc keeps freed memory, caches and fragmentation come and go). Tensors that existed before (weights,
-    gradient buffers, optimiser state) are not counted: they are counted exactly from the model instead.
-    Outputs that share an input's storage (views such as a weight's ``.t()`` inside ``F.linear``, in-place results)
-    are not new memory: counting them would add every weight a step touches to its activations.
-    Not seen: scratch memory a kernel allocates and frees inside itself. With ``fp32_kernels`` the matmuls,
-    convolutions and attention run through ``bf16_through_fp32_kernel`` (same outputs' dtypes, ~100x faster here).
-    """
-
-    def __init__(self, fp32_kernels: bool = True) -> None:
-        import weakref
-
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-        self.fp32_ops = _fp32_kernel_ops() if fp32_kernels else set()
-        self.live = self.peak = 0
-        self.sizes: dict[int, int] = {}
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.overloadpacket in tracker.fp32_ops:
-                    out = bf16_through_fp32_kernel(func, args, kwargs or {})
-                else:
-                    out = func(*args, **(kwargs or {}))
-                inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                        storage = t.untyped_storage()
-                        key = storage._cdata
-                        if key not in tracker.sizes and key not in inputs:  # a view or in-place result is not new memory
-                            tracker.sizes[key] = n = storage.nbytes()
-                            tracker.live += n
-                            tracker.peak = max(tracker.peak, tracker.live)
-                            weakref.finalize(storage, tracker._free, key)
-                return out
-
-        self.mode = Mode()
-
-    def _free(self, key: int) -> None:
-        self.live -= self.sizes.pop(key, 0)
 
 
 @dataclass
@@ -325,7 +288,9 @@ class Meter:
         self.torch = torch
         self.cuda = device.type == "cuda"
         self.open: list[Span] = []
-        self.cpu = None if self.cuda else LiveTensorBytes()
+        from glus_lightning.tensor_memory import LiveTensorBytes
+
+        self.cpu = None if self.cuda else LiveTensorBytes(fp32_kernels)
 
     @contextmanager
     def tracking(self) -> Iterator[None]:

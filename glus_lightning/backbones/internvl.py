@@ -12,6 +12,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
@@ -54,10 +55,17 @@ class InternVLBackbone(MLLMBackbone):
         image = [ids("<img>"), *[self.hf_model.config.image_token_id] * self.tokens_per_image, ids("</img>")]
         return chatml(self.system_prompt, image, "\n", self.context_parts(image, "\n", num_context), queries, answers)
 
-    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
+    def image_features(self, pixels: Tensor) -> Tensor:
+        config = self.hf_model.config
+        return self.hf_model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True,
+        ).pooler_output
+
+    def last_hidden_state(self, conversations: Conversations, features: Tensor, past: Past | None = None) -> Tensor:
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            pixel_values=pixels,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
             **self.language_inputs(conversations, past),
         ).last_hidden_state
 

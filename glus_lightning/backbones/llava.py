@@ -119,8 +119,7 @@ class LlavaBackbone(MLLMBackbone):
         pooled = F.avg_pool2d(grid, kernel_size=self.image_token_pool).flatten(2).transpose(1, 2)
         return model.multi_modal_projector(pooled)
 
-    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
-        features = self.image_features(pixels)
+    def last_hidden_state(self, conversations: Conversations, features: Tensor, past: Past | None = None) -> Tensor:
         return self.hf_model.model(
             input_ids=conversations.input_ids,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},

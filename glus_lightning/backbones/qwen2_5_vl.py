@@ -13,6 +13,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessor,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
@@ -65,18 +66,21 @@ class Qwen2_5_VLBackbone(MLLMBackbone):
         image = [config.vision_start_token_id, *[config.image_token_id] * self.tokens_per_image, config.vision_end_token_id]
         return chatml(self.system_prompt, image, "", self.context_parts(image, "", num_context), queries, answers)
 
-    def last_hidden_state(self, conversations: Conversations, pixels: Tensor, past: Past | None = None) -> Tensor:
+    def image_features(self, pixels: Tensor) -> Tensor:
         vision = self.hf_model.config.vision_config
-        patches, _, _ = self.image_processor.patchify(
-            pixels, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
-        )
+        patches, _, _ = self.image_processor.patchify(pixels, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
         grid_thw = self._grid_thw(len(pixels), pixels.device)
+        per_image = self.hf_model.model.get_image_features(patches.flatten(0, 1), grid_thw, return_dict=True).pooler_output
+        return torch.stack(per_image)
+
+    def last_hidden_state(self, conversations: Conversations, features: Tensor, past: Past | None = None) -> Tensor:
+        grid_thw = self._grid_thw(len(features), features.device)
         positions = None
         if past is not None and past.length:  # 3-D rope of the continuation, shifted to start after the cached prefix
             positions = self._rope_positions(conversations, grid_thw) + past.next_position
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            pixel_values=patches.flatten(0, 1),
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
             image_grid_thw=grid_thw,
             mm_token_type_ids=self._image_token_types(conversations),
             position_ids=positions,

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from datamodules.datamodule import resolve_shards
 from datamodules.records import Expression
 from glus_lightning.config import ConfigError, compose_or_report, to_yaml
-from glus_lightning.inference.predictor import load_module, segment_video
+from glus_lightning.inference.predictor import load_module, stream_masks
 from glus_lightning.inference.sources import Video, read_input
 from glus_lightning.inference.submission import SUBMISSION_FORMATS, rank_and_world, write_submission, write_zip
-from glus_lightning.inference.writers import OVERLAY_KINDS, write_masks, write_overlay
+from glus_lightning.inference.writers import OVERLAY_KINDS, OverlayWriter, write_masks
 from glus_lightning.module import GLUSModule
 
 SUMMARY_FILE = "summary.json"
@@ -97,17 +97,25 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
     cfg: DictConfig = module.cfg
     if module.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(module.device)
+    overlay = None if cfg.inference.overlay == "none" else f"overlay.{cfg.inference.overlay}"
+    overlay_writer = None if overlay is None else OverlayWriter(out / overlay, cfg.inference.overlay_fps, cfg.inference.overlay_alpha)
+    frames_with_object = [0] * len(expressions)
+    area = [0.0] * len(expressions)
     start = time.perf_counter()
+    # each window's masks are written as soon as they are final: nothing per frame is kept (a long video's memory is a short one's)
     with tqdm(total=len(video.frames), desc=video.name, unit="frame", file=sys.stderr, disable=None) as bar:
-        masks = segment_video(module, video, expressions, bar.update)
+        for frame_ids, masks in stream_masks(module, video, expressions, bar.update):
+            names = [video.frame_names[i] for i in frame_ids]
+            for e, (expression, mask) in enumerate(zip(expressions, masks, strict=True)):
+                write_masks(out / "masks" / expression.exp_id, names, mask)
+                frames_with_object[e] += int(mask.any(axis=(1, 2)).sum())
+                area[e] += float(mask.mean(axis=(1, 2)).sum())
+            if overlay_writer is not None:
+                overlay_writer.add([video.frames[i] for i in frame_ids], masks)
+    if overlay_writer is not None:
+        overlay_writer.close()
     seconds = time.perf_counter() - start
     peak, peak_kind = _peak_memory(module.device)
-    for expression, mask in zip(expressions, masks, strict=True):
-        write_masks(out / "masks" / expression.exp_id, video.frame_names, mask)
-    overlay = None
-    if cfg.inference.overlay != "none":
-        overlay = f"overlay.{cfg.inference.overlay}"
-        write_overlay(out / overlay, video.frames, masks, cfg.inference.overlay_fps, cfg.inference.overlay_alpha)
     height, width = video.size
     summary = {
         "source": source,
@@ -118,13 +126,13 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
         "frame_names": video.frame_names,
         "expressions": [
             {
-                "exp_id": e.exp_id,
-                "text": e.text,
-                "masks": f"masks/{e.exp_id}",
-                "frames_with_object": int(m.any(axis=(1, 2)).sum()),
-                "mean_area": float(m.mean()),  # fraction of the frame's pixels
+                "exp_id": expression.exp_id,
+                "text": expression.text,
+                "masks": f"masks/{expression.exp_id}",
+                "frames_with_object": frames_with_object[e],
+                "mean_area": area[e] / len(video.frames),  # fraction of the frame's pixels
             }
-            for e, m in zip(expressions, masks, strict=True)
+            for e, expression in enumerate(expressions)
         ],
         "overlay": overlay,
         "seconds": seconds,

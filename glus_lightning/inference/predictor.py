@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -60,11 +60,20 @@ def video_batch(video: Video, expressions: list[Expression], num_context: int, i
 
 
 @torch.no_grad()
+def stream_masks(module: GLUSModule, video: Video, expressions: list[Expression],
+                 progress: Callable[[int], object] | None = None) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """``(frame ids, boolean masks (w, H, W) per expression)`` window by window, at the video's original size, each
+    final when it is yielded (``GLUSModule.stream_video``): a consumer that writes them keeps nothing per frame, so a
+    long video needs no more device memory than a short one. The frames stay on the CPU until their window runs.
+    ``progress(n)`` as n more frames are through the MLLM."""
+    cfg = module.cfg
+    batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
+    for frame_ids, logits in module.stream_video(batch, progress):
+        yield frame_ids, [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]
+
+
 def segment_video(module: GLUSModule, video: Video, expressions: list[Expression],
                   progress: Callable[[int], object] | None = None) -> list[np.ndarray]:
-    """Boolean masks ``(T, H, W)`` per expression at the video's original size (thresholded mask logits);
-    ``progress(n)`` as n more frames are done (``GLUSModule.predict_video``)."""
-    cfg = module.cfg
-    batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size).to(module.device)
-    logits = module.predict_video(batch, progress)
-    return [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]
+    """Boolean masks ``(T, H, W)`` per expression at the video's original size: ``stream_masks`` put together."""
+    windows = [masks for _, masks in stream_masks(module, video, expressions, progress)]
+    return [np.concatenate([masks[e] for masks in windows]) for e in range(len(expressions))]

@@ -14,9 +14,9 @@ from PIL import Image
 from datamodules.datamodule import shard_samples
 from datamodules.records import Expression, VideoRecord
 from datamodules.shards import check_shard_format
+from datamodules.video_files import VIDEO_SUFFIXES, video_file_frames, video_frame_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
 
 
 @dataclass
@@ -53,16 +53,10 @@ def read_folder(path: Path) -> Video:
 
 def read_video_file(path: Path) -> Video:
     """Decoded frames of a video file; frame names are their zero-padded indices ``00000``, ``00001`` ..."""
-    import av  # optional dependency: only video files need it
-
-    try:
-        with av.open(str(path)) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    except (av.FFmpegError, IndexError) as err:
-        raise ValueError(f"{path}: cannot decode a video stream: {err}") from err
+    frames = list(video_file_frames(path))
     if not frames:
         raise ValueError(f"{path}: the video has no frames")
-    return Video(path.stem, [f"{i:05d}" for i in range(len(frames))], frames)
+    return Video(path.stem, [video_frame_name(i) for i in range(len(frames))], frames)
 
 
 def record_video(record: VideoRecord) -> Video:

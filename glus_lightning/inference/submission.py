@@ -1,8 +1,9 @@
 """Official-server submissions: ``Annotations/<video>/<exp_id>/<frame>.png`` for a whole split, resumable and
 split across processes.
 
-Work items are the (video, expression) pairs in shard order; process ``rank`` of ``world_size`` takes the items
-whose running index is ``rank`` modulo ``world_size``, so ranks never overlap and together cover everything.
+Work is split by video: process ``rank`` of ``world_size`` takes the videos (in shard order) whose running index is
+``rank`` modulo ``world_size``, so ranks never overlap, together cover everything, and each video's frame features
+and prompt prefix are computed by one process, once for all of its expressions.
 An expression's folder is renamed into place only when all its frames are written, so an existing folder means
 "done": a rerun skips it, and a crash leaves nothing half written under its name.
 """
@@ -50,15 +51,13 @@ def write_submission(
 ) -> SubmissionStats:
     """Segment this rank's unfinished expressions of every video in ``urls``; the model is built on first need."""
     stats = SubmissionStats()
-    index = 0
-    for record in shard_records(urls):
+    for index, record in enumerate(shard_records(urls)):
+        if index % world_size != rank:
+            stats.other_ranks += len(record.expressions)
+            continue
         todo = []
         for expression in record.expressions:
-            mine = index % world_size == rank
-            index += 1
-            if not mine:
-                stats.other_ranks += 1
-            elif expression_dir(out, record.video, expression.exp_id).is_dir():
+            if expression_dir(out, record.video, expression.exp_id).is_dir():
                 stats.skipped += 1
             else:
                 todo.append(expression)

@@ -55,22 +55,51 @@ def overlay_frames(frames: list[np.ndarray], masks: list[np.ndarray], alpha: flo
     return out
 
 
-def write_overlay(path: Path, frames: list[np.ndarray], masks: list[np.ndarray], fps: int, alpha: float) -> None:
-    """An animated GIF (``.gif``) or an MP4 (``.mp4``, PyAV) of the masks over the frames."""
-    images = overlay_frames(frames, masks, alpha)
-    if path.suffix == ".gif":
-        first, *rest = (Image.fromarray(i) for i in images)
-        first.save(path, save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
-        return
-    if path.suffix != ".mp4":
-        raise ValueError(f"{path}: overlays are .gif or .mp4")
-    import av
+class OverlayWriter:
+    """An animated GIF (``.gif``) or an MP4 (``.mp4``, PyAV) of the masks over the frames, fed window by window.
 
-    height, width = images[0].shape[:2]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+    An MP4 is encoded as the frames come, so it keeps nothing per frame; a GIF can only be saved whole, so it keeps
+    every tinted frame until ``close`` (choose ``inference.overlay=mp4`` or ``none`` for long videos)."""
+
+    def __init__(self, path: Path, fps: int, alpha: float) -> None:
+        if path.suffix not in (".gif", ".mp4"):
+            raise ValueError(f"{path}: overlays are .gif or .mp4")
+        self.path, self.fps, self.alpha = path, fps, alpha
+        self.images: list[np.ndarray] = []
+        self.container = self.stream = self.av = None
+
+    def add(self, frames: list[np.ndarray], masks: list[np.ndarray]) -> None:
+        """``frames`` of one window and each expression's masks ``(len(frames), H, W)`` of them."""
+        images = overlay_frames(frames, masks, self.alpha)
+        if self.path.suffix == ".gif":
+            self.images.extend(images)
+            return
+        if self.container is None:
+            import av
+
+            self.av = av
+            height, width = images[0].shape[:2]
+            self.container = av.open(str(self.path), "w")
+            self.stream = self.container.add_stream("mpeg4", rate=self.fps)
+            self.stream.width, self.stream.height, self.stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
         for image in images:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[: stream.height, : stream.width]), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+            crop = np.ascontiguousarray(image[: self.stream.height, : self.stream.width])
+            frame = self.av.VideoFrame.from_ndarray(crop, format="rgb24")
+            self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        if self.path.suffix == ".gif" and self.images:
+            first, *rest = (Image.fromarray(i) for i in self.images)
+            first.save(self.path, save_all=True, append_images=rest, duration=round(1000 / self.fps), loop=0)
+            self.images = []
+        elif self.container is not None:
+            self.container.mux(self.stream.encode())
+            self.container.close()
+            self.container = None
+
+
+def write_overlay(path: Path, frames: list[np.ndarray], masks: list[np.ndarray], fps: int, alpha: float) -> None:
+    """The whole video's overlay at once (``OverlayWriter``)."""
+    writer = OverlayWriter(path, fps, alpha)
+    writer.add(frames, masks)
+    writer.close()

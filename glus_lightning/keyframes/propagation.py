@@ -11,7 +11,6 @@ from torch import Tensor
 from glus_lightning.keyframes.evidence import FrameEvidence
 from glus_lightning.keyframes.scorer import FrameScorer
 from glus_lightning.segmentation import FrameFeatures, MemoryBank, MemorySegmenter, TrackOutput
-from glus_lightning.segmentation.segmenter import cat_tracks
 
 
 def pick_keyframes(scorer: FrameScorer, evidence: FrameEvidence) -> list[int]:
@@ -43,7 +42,14 @@ def track_from_keyframes(segmenter: MemorySegmenter, features: FrameFeatures, pr
     of the memory holding only the keyframe, backward to its start.
 
     ``features [T]`` are the video's frames, ``prompts [N, T, prompt_dim]``, ``keyframes`` one frame index per
-    track; tracks sharing a keyframe run together. Outputs are in frame order, every frame exactly once.
+    track. Outputs are in frame order, every frame exactly once.
+
+    Tracks with different keyframes run in one batched pass (a forward and a backward sweep), not one per keyframe:
+    each track's frames are renumbered so that all keyframes get the same index. The memory bank only ever uses frame
+    distances, except SAM2's every-``eval_stride``-th-frame rule, which keeps its meaning when the renumbering shifts
+    by multiples of the stride: tracks whose keyframes differ by a multiple of it share a pass (one pass at stride 1,
+    the default; at most ``eval_stride`` passes). A track whose sweep is shorter than the longest runs padding steps
+    on its last frame; rows are independent, and those outputs are dropped.
     """
     n, t = prompts.shape[:2]
     if len(features.shape) != 1 or features.shape[0] != t or len(keyframes) != n:
@@ -51,27 +57,47 @@ def track_from_keyframes(segmenter: MemorySegmenter, features: FrameFeatures, pr
             f"track_from_keyframes expects features (T,), prompts (N, T, P) and N keyframes, "
             f"got {tuple(features.shape)}, {tuple(prompts.shape)} and {len(keyframes)} keyframes"
         )
-    outputs: list[TrackOutput | None] = [None] * n
-    for keyframe in sorted({int(k) for k in keyframes}):
-        rows = [i for i, k in enumerate(keyframes) if int(k) == keyframe]
-        forward, backward = propagation_order(t, keyframe)
-        memory = segmenter.new_memory(len(rows))
-        ahead = _track_frames(segmenter, features, prompts[rows], memory, forward[:1])  # the keyframe, empty memory
-        behind = memory.fork()  # holds only the keyframe's memory
-        parts = [ahead, _track_frames(segmenter, features, prompts[rows], memory, forward[1:]),
-                 _track_frames(segmenter, features, prompts[rows], behind, backward)]
-        visited = torch.tensor([*forward, *backward], device=prompts.device)
-        merged = cat_tracks([p for p in parts if p is not None])
-        in_frame_order = visited.argsort()
-        for j, row in enumerate(rows):
-            outputs[row] = TrackOutput(*(getattr(merged, f.name)[j, in_frame_order] for f in fields(merged)))
-    return TrackOutput(*(torch.stack([getattr(o, f.name) for o in outputs]) for f in fields(TrackOutput)))
+    keyframes = [int(k) for k in keyframes]
+    for k in keyframes:
+        propagation_order(t, k)  # checks the range
+    stride = 1 if segmenter.training else segmenter.protocol.eval_stride
+    outputs: dict[str, Tensor] = {}
+    for residue in sorted({k % stride for k in keyframes}):
+        rows = torch.tensor([i for i, k in enumerate(keyframes) if k % stride == residue], device=prompts.device)
+        starts = torch.tensor([keyframes[i] for i in rows.tolist()], device=prompts.device)
+        for frames, track in _sweeps(segmenter, features, prompts[rows], starts, t):
+            valid = (frames >= 0) & (frames < t)
+            row = rows[:, None].expand_as(frames)[valid]
+            for f in fields(track):
+                value = getattr(track, f.name)
+                if f.name not in outputs:
+                    outputs[f.name] = value.new_empty((n, t, *value.shape[2:]))
+                outputs[f.name][row, frames[valid]] = value[valid]
+    return TrackOutput(**outputs)
 
 
-def _track_frames(segmenter: MemorySegmenter, features: FrameFeatures, prompts: Tensor, memory: MemoryBank,
-                  frame_ids: list[int]) -> TrackOutput | None:
-    """``segmenter.track`` over ``frame_ids`` of the video (None when there are none), every track on the same frames."""
-    if not frame_ids:
-        return None
-    rows = torch.tensor(frame_ids, device=prompts.device).expand(memory.batch_size, -1)
-    return segmenter.track(segmenter.select(features, rows), prompts[:, frame_ids], memory=memory, frame_ids=frame_ids)
+def _sweeps(segmenter: MemorySegmenter, features: FrameFeatures, prompts: Tensor, starts: Tensor,
+            num_frames: int) -> list[tuple[Tensor, TrackOutput]]:
+    """The forward and backward sweeps of R tracks starting at ``starts`` [R] (their differences multiples of the
+    memory stride): ``(frames [R, S], track [R, S])`` per sweep, ``frames`` outside the video where a track pads."""
+    base, first = int(starts.max()), int(starts.min())
+    steps = torch.arange(num_frames - first, device=starts.device)
+    forward = starts[:, None] + steps  # the keyframe, then on to the end
+    memory = segmenter.new_memory(len(starts))
+    keyframe = _track(segmenter, features, prompts, forward[:, :1], memory, [base])  # empty memory
+    behind = memory.fork()  # holds only the keyframe's memory
+    sweeps = [(forward[:, :1], keyframe)]
+    if len(steps) > 1:
+        sweeps.append((forward[:, 1:], _track(segmenter, features, prompts, forward[:, 1:], memory, range(base + 1, base + len(steps)))))
+    if base > 0:
+        backward = starts[:, None] - 1 - torch.arange(base, device=starts.device)
+        sweeps.append((backward, _track(segmenter, features, prompts, backward, behind, range(base - 1, -1, -1))))
+    return sweeps
+
+
+def _track(segmenter: MemorySegmenter, features: FrameFeatures, prompts: Tensor, frames: Tensor, memory: MemoryBank,
+           frame_ids: Sequence[int]) -> TrackOutput:
+    """``segmenter.track`` of each row over its own ``frames`` [R, S] (clamped into the video: padding steps)."""
+    index = frames.clamp(0, features.shape[0] - 1)
+    rows = torch.arange(len(frames), device=frames.device)[:, None]
+    return segmenter.track(segmenter.select(features, index), prompts[rows, index], memory=memory, frame_ids=list(frame_ids))
