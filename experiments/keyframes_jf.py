@@ -21,6 +21,7 @@ from tqdm import tqdm
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.config import compose
 from glus_lightning.inference.predictor import load_module
+from glus_lightning.keyframes.propagation import track_from_keyframes
 from glus_lightning.keyframes.refinement import collect_targets, fit_scorer, format_stats, keyframe_targets, training_videos
 from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import JAndF
@@ -43,8 +44,8 @@ def main() -> None:
         module.cfg.inference.keyframes = True
         results["keyframes"] = module.predict_video(batch)
         evidence = module.frame_evidence(batch)
-        oracle = keyframe_targets(evidence.memoryless.mask_logits, batch.targets, cfg.mask_threshold).argmax(1)
-        results["oracle keyframes"] = module.segmenter.track_from_keyframes(evidence.features, evidence.prompts, oracle.tolist()).mask_logits
+        oracle = keyframe_targets(evidence.mask_logits, batch.targets, cfg.mask_threshold).argmax(1)
+        results["oracle keyframes"] = track_from_keyframes(module.segmenter, evidence.features, evidence.prompts, oracle.tolist()).mask_logits
         chosen["keyframes"] += module.frame_scorer(evidence.scorer_inputs).argmax(1).tolist()
         chosen["oracle keyframes"] += oracle.tolist()
         for e, exp_id in enumerate(batch.expression_ids):  # one target at a time, built from the batch's RLE

@@ -20,7 +20,7 @@ from glus_lightning.heads.contrastive_rules import ContrastiveRules
 from glus_lightning.heads.object_contrastive import ObjectContrastiveHead
 from glus_lightning.heads.seg_projection import SegProjection
 from glus_lightning.keyframes.evidence import FrameEvidence, collect_evidence
-from glus_lightning.keyframes.propagation import predict_from_keyframes
+from glus_lightning.keyframes.propagation import pick_keyframes, stream_from_keyframes
 from glus_lightning.keyframes.scorer import FrameScorer
 from glus_lightning.losses import GLUSLoss, GLUSOutput
 from glus_lightning.masks import masks_from_logits
@@ -90,37 +90,51 @@ class GLUSModule(L.LightningModule):
     @torch.no_grad()
     def predict_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Tensor:
         """Mask logits ``[E, T, h, w]`` for every frame of one video (batch of 1 video, all frames as query): the
-        windows of ``stream_video`` put together (validation and test score whole videos)."""
-        return torch.cat([logits for _, logits in self.stream_video(batch, progress)], dim=1)
+        chunks of ``stream_video`` put together (validation and test score whole videos)."""
+        logits = None
+        for rows, frames, chunk in self.stream_video(batch, progress):
+            if logits is None:
+                logits = chunk.new_empty((len(batch.expressions), batch.num_query, *chunk.shape[2:]))
+            valid = frames >= 0
+            logits[rows[:, None].expand_as(frames)[valid], frames[valid]] = chunk[valid]
+        return logits
 
     @torch.no_grad()
-    def stream_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Iterator[tuple[list[int], Tensor]]:
-        """``(frame ids, mask logits [E, w, h, w])`` of one video, window by window, each final when it is yielded.
+    def stream_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The mask logits of one video chunk by chunk, each final when it is yielded: ``(rows [R], frames [R, c],
+        logits [R, c, h, w])``, expressions ``rows`` at their frames ``frames`` (-1: none, a padding step).
 
         Windows of ``inference.window`` frames share the evaluation context frames; each frame's image features
         are computed once for all expressions, and with ``inference.kv_cache`` the prompt prefix (system, context frames,
-        instruction) is encoded once per video instead of once per window. Sequential by default, the memory bank
-        carried across windows from the first frame on: nothing per frame outlives its window, so memory does not
-        grow with the video's length, and the batch's frames may stay on the CPU (each window's go to the model's
-        device). With ``inference.keyframes`` each expression starts at the frame its refined scorer rates best and
-        propagates from there forward and backward: that needs every frame's features first, so the whole video comes
-        as one window at the end. ``progress(n)`` is called as each window's n frames are through the MLLM (keyframe
-        mode: before propagation, SAM2 only).
+        instruction) is encoded once per video instead of once per window. Sequential by default: every expression at
+        the window's frames, the memory bank carried across windows from the first frame on. With
+        ``inference.keyframes`` a first pass over the windows keeps each frame's prompts and the scorer's inputs (not
+        its features), the scorer picks each expression's keyframe, and the tracks run from there forward and backward
+        (``keyframes.propagation``), ``inference.window`` steps at a time, recomputing the image features of the frames
+        each chunk needs. Either way nothing per frame but prompt-sized rows outlives its chunk, so memory does not grow
+        with the video's length, and the batch's frames may stay on the CPU (each chunk's go to the model's device).
+        ``progress(n)`` is called as each window's n frames are through the MLLM (keyframe mode: before propagation).
         """
         if batch.frames.shape[0] != 1:
             raise ValueError(f"predict_video takes one video per batch, got {batch.frames.shape[0]}")
+        video = batch.query_frames[0]
+        everyone = torch.arange(len(batch.expressions), device=self.device)
         if self.cfg.inference.keyframes:
             # collect_evidence, not self.frame_evidence: FSDP2 forward methods must not nest (see configure_model)
-            frames = batch.query_frames[0].to(self.device)
-            evidence = collect_evidence(self.segmenter, frames, _reported(self._window_prompts(batch), progress))
-            yield list(range(batch.num_query)), predict_from_keyframes(self.frame_scorer, self.segmenter, evidence)
+            evidence = collect_evidence(self.segmenter, video, _reported(self._window_prompts(batch), progress))
+            keyframes = pick_keyframes(self.frame_scorer, evidence)
+            encode = lambda index: self.segmenter.encode_frames(video[index.to(video.device)].to(self.device))
+            for rows, frames, track in stream_from_keyframes(self.segmenter, encode, evidence.prompts, keyframes,
+                                                             chunk=self.cfg.inference.window):
+                yield rows, frames, track.mask_logits
             return
         memory = self.segmenter.new_memory(len(batch.expressions))
         for frame_ids, prompts in _reported(self._window_prompts(batch), progress):
-            features = self.segmenter.encode_frames(batch.query_frames[0, frame_ids].to(self.device))
+            features = self.segmenter.encode_frames(video[frame_ids].to(self.device))
             rows = torch.arange(len(frame_ids), device=prompts.device).expand(len(batch.expressions), -1)
             track = self.segmenter.track(self.segmenter.select(features, rows), prompts, memory=memory, frame_ids=frame_ids)
-            yield frame_ids, track.mask_logits
+            yield everyone, torch.tensor(frame_ids, device=self.device).expand(len(everyone), -1), track.mask_logits
 
     def _window_prompts(self, batch: RefVOSBatch) -> Iterator[tuple[list[int], Tensor]]:
         """Frame ids of each inference window of one video and their prompts ``[E, w, P]``."""
@@ -167,7 +181,7 @@ class GLUSModule(L.LightningModule):
     @torch.no_grad()
     def frame_evidence(self, batch: RefVOSBatch) -> FrameEvidence:
         """Prompts, features and memoryless masks of every (expression, frame) of one video (keyframe self-refinement)."""
-        return collect_evidence(self.segmenter, batch.query_frames[0], self._window_prompts(batch))
+        return collect_evidence(self.segmenter, batch.query_frames[0], self._window_prompts(batch), keep_frames=True)
 
     # ---------------------------------------------------------------------------------- training
     def training_step(self, batch: RefVOSBatch, batch_idx: int) -> Tensor:

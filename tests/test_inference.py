@@ -279,13 +279,17 @@ def test_zip_refuses_an_incomplete_submission(split_root: Path, module, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ long videos
-def test_streamed_inference_memory_does_not_grow_with_video_length(module) -> None:
-    """Peak tensor memory of segmenting a 1000-frame video window by window is within 10% of a 100-frame one's.
+@pytest.mark.parametrize("keyframes", [False, True])
+def test_streamed_inference_memory_does_not_grow_with_video_length(module, keyframes: bool) -> None:
+    """Peak tensor memory of segmenting a 1000-frame video chunk by chunk is within 10% of a 100-frame one's
+    (sequential), and grows by no more than each frame's prompt and scores from 20 to 200 frames (from keyframes).
 
     Counted as a GPU's allocator would count it (``LiveTensorBytes``): everything inference makes, not the input
-    batch (the video's frames at the model's input size, which stay on the CPU, one window at a time on the model's
+    batch (the video's frames at the model's input size, which stay on the CPU, one chunk at a time on the model's
     device) nor the consumer (masks written as they come). Keeping the low-resolution logits of every frame alone
-    would outgrow the bound (checked below).
+    would outgrow the bound (checked below). Keyframe mode keeps each frame's prompt and two scores until the tracks
+    run (the scorer rates every frame first): bounded here by their bytes (at SAM2-L's 1024 px a frame's image
+    features, which it used to keep, are 8 MiB; a frame's prompt and scores are 1 KiB per expression).
     """
     from glus_lightning.masks import masks_from_logits
     from glus_lightning.tensor_memory import LiveTensorBytes
@@ -294,21 +298,41 @@ def test_streamed_inference_memory_does_not_grow_with_video_length(module) -> No
     rng = np.random.default_rng(0)
     pool = list(rng.integers(0, 256, (16, 48, 40, 3), dtype=np.uint8))  # 16 distinct frames, cycled
     expressions = [Expression("0", "the red circle", ()), Expression("1", "the blue square", ())]
+    refined = module.frame_scorer.refined.clone()
+    module.frame_scorer.refined.fill_(True)  # rates by its random weights: any keyframes will do here
+    cfg.inference.keyframes = keyframes
     peaks = {}
-    for length in (100, 1000):
-        video = Video("long", [f"{i:05d}" for i in range(length)], [pool[i % len(pool)] for i in range(length)])
-        batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
-        tracker = LiveTensorBytes()
-        frames_seen = 0
-        with tracker.mode:
-            for frame_ids, logits in module.stream_video(batch):
-                frames_seen += len(frame_ids)
-                per_frame_bytes = logits[:, 0].nelement() * logits.element_size()
-                masks_from_logits(logits.flatten(0, 1), video.size, cfg.mask_threshold)  # consumed, then dropped
-        assert frames_seen == length
-        peaks[length] = tracker.peak
-    assert peaks[100] > 0 and peaks[1000] <= 1.1 * peaks[100], peaks
-    assert 900 * per_frame_bytes > 0.1 * peaks[100]  # the bound would catch keeping every frame's logits
+    try:
+        lengths = (20, 200) if keyframes else (100, 1000)
+        for length in lengths:
+            video = Video("long", [f"{i:05d}" for i in range(length)], [pool[i % len(pool)] for i in range(length)])
+            batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
+            tracker = LiveTensorBytes()
+            seen = torch.zeros(len(expressions), length, dtype=torch.long)
+            with tracker.mode:
+                for rows, frames, logits in module.stream_video(batch):
+                    valid = frames >= 0
+                    seen[rows[:, None].expand_as(frames)[valid], frames[valid]] += 1
+                    per_frame_bytes = logits[0, 0].nelement() * logits.element_size() * len(expressions)
+                    masks_from_logits(logits.flatten(0, 1), video.size, cfg.mask_threshold)  # consumed, then dropped
+            assert (seen == 1).all()  # every frame of every expression exactly once
+            peaks[length] = tracker.peak
+    finally:
+        cfg.inference.keyframes = False
+        module.frame_scorer.refined.copy_(refined)
+    short, long = lengths
+    extra = long - short
+    if not keyframes:
+        assert extra * per_frame_bytes > 0.1 * peaks[short]  # the bound would catch keeping every frame's logits
+        assert peaks[short] > 0 and peaks[long] <= 1.1 * peaks[short], peaks
+        return
+    # kept per frame: each expression's prompt and two scores, plus the scorer's inputs and hidden layer while it rates
+    prompt_dim, hidden = module.segmenter.prompt_dim, cfg.refine.hidden
+    rated = len(expressions) * 4 * (2 * (prompt_dim + 2) + (prompt_dim + 2) + hidden)
+    assert peaks[long] - peaks[short] <= extra * rated, peaks
+    features = module.segmenter.encode_frames(batch.query_frames[0, :1])
+    kept_before = sum(level.nelement() * level.element_size() for level in features.levels) + 2 * per_frame_bytes
+    assert kept_before > 2 * rated  # what it kept per frame before (features, memoryless and final logits) breaks the bound
 
 
 def test_a_prefix_cache_is_shared_by_the_conversations_not_copied_and_never_grows() -> None:

@@ -10,7 +10,6 @@ from test_segmenter import frames_like, make, prompts_like
 from glus_lightning.keyframes.evidence import FrameEvidence
 from glus_lightning.keyframes.propagation import pick_keyframes, propagation_order, track_from_keyframes
 from glus_lightning.keyframes.scorer import FrameScorer
-from glus_lightning.segmentation import TrackOutput
 
 T = 6
 
@@ -97,8 +96,7 @@ def scorer_of_iou_pred(prompt_dim: int, refined: bool = True, hidden: int = 4) -
 
 def evidence_with(iou_pred: torch.Tensor, prompt_dim: int) -> FrameEvidence:
     e, t = iou_pred.shape
-    memoryless = TrackOutput(torch.zeros(e, t, 4, 4), iou_pred, torch.randn(e, t))
-    return FrameEvidence(torch.randn(e, t, prompt_dim), None, memoryless)
+    return FrameEvidence(torch.randn(e, t, prompt_dim), iou_pred, torch.randn(e, t))
 
 
 def test_keyframes_are_the_frames_of_highest_score():

@@ -39,7 +39,7 @@ def model(data_root: Path) -> GLUSModule:
 def test_targets_are_the_measured_iou_of_memoryless_masks(model: GLUSModule, data_root: Path) -> None:
     batch = val_video(model.cfg)
     evidence = model.frame_evidence(batch)
-    targets = keyframe_targets(evidence.memoryless.mask_logits, batch.targets, model.cfg.mask_threshold)
+    targets = keyframe_targets(evidence.mask_logits, batch.targets, model.cfg.mask_threshold)
     num_exp, num_frames = len(batch.expressions), batch.num_query
     assert targets.shape == (num_exp, num_frames)
     for e in range(num_exp):
@@ -89,7 +89,7 @@ def test_keyframe_inference_tracks_each_expression_from_its_best_rated_frame(dat
     logits = model.predict_video(batch)
     evidence = model.frame_evidence(batch)
     seg, num_frames = model.segmenter, batch.num_query
-    keyframes = evidence.memoryless.iou_pred.argmax(1).tolist()  # the scorer rates frames by SAM2's IoU alone
+    keyframes = evidence.iou_pred.argmax(1).tolist()  # the scorer rates frames by SAM2's IoU alone
     assert len(set(keyframes)) > 1 or keyframes[0] != 0, "pick a video whose keyframes are not all frame 0"
     for e, keyframe in enumerate(keyframes):  # independent: a forward track from the keyframe, a fresh backward one
         forward, backward = list(range(keyframe, num_frames)), list(range(keyframe, -1, -1))

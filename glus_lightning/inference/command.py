@@ -21,7 +21,7 @@ from glus_lightning.config import ConfigError, compose_or_report, to_yaml
 from glus_lightning.inference.predictor import load_module, stream_masks
 from glus_lightning.inference.sources import Video, read_input
 from glus_lightning.inference.submission import SUBMISSION_FORMATS, rank_and_world, write_submission, write_zip
-from glus_lightning.inference.writers import OVERLAY_KINDS, OverlayWriter, write_masks
+from glus_lightning.inference.writers import OVERLAY_KINDS, OverlayWriter, read_mask, write_masks
 from glus_lightning.module import GLUSModule
 
 SUMMARY_FILE = "summary.json"
@@ -97,25 +97,24 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
     cfg: DictConfig = module.cfg
     if module.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(module.device)
-    overlay = None if cfg.inference.overlay == "none" else f"overlay.{cfg.inference.overlay}"
-    overlay_writer = None if overlay is None else OverlayWriter(out / overlay, cfg.inference.overlay_fps, cfg.inference.overlay_alpha)
     frames_with_object = [0] * len(expressions)
     area = [0.0] * len(expressions)
     start = time.perf_counter()
-    # each window's masks are written as soon as they are final: nothing per frame is kept (a long video's memory is a short one's)
+    # each chunk's masks are written as soon as they are final: nothing per frame is kept (a long video's memory is a short one's)
     with tqdm(total=len(video.frames), desc=video.name, unit="frame", file=sys.stderr, disable=None) as bar:
-        for frame_ids, masks in stream_masks(module, video, expressions, bar.update):
-            names = [video.frame_names[i] for i in frame_ids]
-            for e, (expression, mask) in enumerate(zip(expressions, masks, strict=True)):
-                write_masks(out / "masks" / expression.exp_id, names, mask)
-                frames_with_object[e] += int(mask.any(axis=(1, 2)).sum())
-                area[e] += float(mask.mean(axis=(1, 2)).sum())
-            if overlay_writer is not None:
-                overlay_writer.add([video.frames[i] for i in frame_ids], masks)
-    if overlay_writer is not None:
-        overlay_writer.close()
-    seconds = time.perf_counter() - start
+        for e, frame_ids, masks in stream_masks(module, video, expressions, bar.update):
+            write_masks(out / "masks" / expressions[e].exp_id, [video.frame_names[i] for i in frame_ids], masks)
+            frames_with_object[e] += int(masks.any(axis=(1, 2)).sum())
+            area[e] += float(masks.mean(axis=(1, 2)).sum())
+    seconds = time.perf_counter() - start  # segmentation and its masks written
     peak, peak_kind = _peak_memory(module.device)
+    overlay = None
+    if cfg.inference.overlay != "none":  # from the written masks, frame by frame
+        overlay = f"overlay.{cfg.inference.overlay}"
+        writer = OverlayWriter(out / overlay, cfg.inference.overlay_fps, cfg.inference.overlay_alpha)
+        for t, name in enumerate(video.frame_names):
+            writer.add([video.frames[t]], [read_mask(out / "masks" / e.exp_id / f"{name}.png")[None] for e in expressions])
+        writer.close()
     height, width = video.size
     summary = {
         "source": source,

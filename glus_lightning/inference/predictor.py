@@ -61,19 +61,26 @@ def video_batch(video: Video, expressions: list[Expression], num_context: int, i
 
 @torch.no_grad()
 def stream_masks(module: GLUSModule, video: Video, expressions: list[Expression],
-                 progress: Callable[[int], object] | None = None) -> Iterator[tuple[list[int], list[np.ndarray]]]:
-    """``(frame ids, boolean masks (w, H, W) per expression)`` window by window, at the video's original size, each
-    final when it is yielded (``GLUSModule.stream_video``): a consumer that writes them keeps nothing per frame, so a
-    long video needs no more device memory than a short one. The frames stay on the CPU until their window runs.
-    ``progress(n)`` as n more frames are through the MLLM."""
+                 progress: Callable[[int], object] | None = None) -> Iterator[tuple[int, list[int], np.ndarray]]:
+    """``(expression index, frame indices, boolean masks (k, H, W))`` at the video's original size, each final when it
+    is yielded (``GLUSModule.stream_video``; in frame order per expression when sequential, from each keyframe outwards
+    with ``inference.keyframes``): a consumer that writes them keeps nothing per frame, so a long video needs no more
+    device memory than a short one. The frames stay on the CPU until their chunk runs. ``progress(n)`` as n more
+    frames are through the MLLM."""
     cfg = module.cfg
     batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
-    for frame_ids, logits in module.stream_video(batch, progress):
-        yield frame_ids, [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]
+    for rows, frames, logits in module.stream_video(batch, progress):
+        for row, where, lg in zip(rows.tolist(), frames, logits, strict=True):
+            valid = where >= 0
+            if valid.any():
+                masks = masks_from_logits(lg[valid], video.size, cfg.mask_threshold).cpu().numpy()
+                yield row, where[valid].tolist(), masks
 
 
 def segment_video(module: GLUSModule, video: Video, expressions: list[Expression],
                   progress: Callable[[int], object] | None = None) -> list[np.ndarray]:
     """Boolean masks ``(T, H, W)`` per expression at the video's original size: ``stream_masks`` put together."""
-    windows = [masks for _, masks in stream_masks(module, video, expressions, progress)]
-    return [np.concatenate([masks[e] for masks in windows]) for e in range(len(expressions))]
+    masks = [np.zeros((len(video.frames), *video.size), dtype=bool) for _ in expressions]
+    for e, frame_ids, chunk in stream_masks(module, video, expressions, progress):
+        masks[e][frame_ids] = chunk
+    return masks

@@ -24,6 +24,12 @@ def write_masks(directory: Path, frame_names: list[str], masks: np.ndarray) -> N
         Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(directory / f"{name}.png")
 
 
+def read_mask(path: Path) -> np.ndarray:
+    """A mask ``write_masks`` wrote, as booleans."""
+    with Image.open(path) as image:
+        return np.asarray(image) > 0
+
+
 def write_masks_atomically(directory: Path, frame_names: list[str], masks: np.ndarray) -> bool:
     """Write the masks into a temp folder beside ``directory``, then rename it into place.
 

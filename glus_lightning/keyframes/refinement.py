@@ -92,7 +92,7 @@ def collect_targets(module: GLUSModule, batches: Iterable[RefVOSBatch], progress
     for batch in tqdm(batches, desc="refine: measure", unit="video", disable=not progress):
         batch = batch.to(module.device)
         evidence = module.frame_evidence(batch)
-        iou = keyframe_targets(evidence.memoryless.mask_logits, batch.targets, module.cfg.mask_threshold)
+        iou = keyframe_targets(evidence.mask_logits, batch.targets, module.cfg.mask_threshold)
         num_exp, num_frames = iou.shape
         inputs.append(evidence.scorer_inputs.flatten(0, 1).cpu())
         targets.append(iou.flatten())
