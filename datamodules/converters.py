@@ -130,7 +130,7 @@ def _open_meta_layout(dataset: str, split: str, frame_dir: Path, meta_path: Path
     def read(video: str) -> VideoRecord:
         where = f"{meta_path}: video {video!r}"
         names = frame_names(videos[video], where)
-        _check_length(len(names), min_frames, where)
+        check_length(len(names), min_frames, where)
         frames, height, width = _read_frames(frame_dir / video, names, where)
         masks: dict[int, list[dict[str, Any] | None]] = {}
         checked: dict[str, list[dict[str, Any] | None]] = {}  # anno_id -> its RLEs, checked once per video
@@ -210,7 +210,7 @@ def _open_palette_layout(dataset: str, root: str | Path, split: str, min_frames:
             names = [n for n in names if (annotation_dir / f"{n}.png").is_file()]
             if not names:
                 raise ConversionError(f"{where}: no annotation PNG for any of its frames in {annotation_dir}")
-        _check_length(len(names), min_frames, where)
+        check_length(len(names), min_frames, where)
         frames, height, width = _read_frames(split_dir / "JPEGImages" / video, names, where)
         if labelled:
             ids = np.stack([read_object_ids(annotation_dir / f"{n}.png", height, width) for n in names])
@@ -304,7 +304,7 @@ def _open_youtube_vis(dataset: str, split: str, frame_dir: Path, path: Path, min
         entry = entries[video]
         where = f"{path}: video {video!r} (id {entry['id']})"
         names = _vis_frame_names(entry, video, where)
-        _check_length(len(names), min_frames, where)
+        check_length(len(names), min_frames, where)
         frames, height, width = _read_frames(frame_dir / video, names, where)
         if not annotations[video]:
             raise ConversionError(f"{where}: has no annotation, so no category to refer to")
@@ -415,7 +415,7 @@ def _image_size(data: bytes, path: Path) -> tuple[int, int]:
     return size
 
 
-def _check_length(num_frames: int, min_frames: int, where: str) -> None:
+def check_length(num_frames: int, min_frames: int, where: str) -> None:
     """Too short a video cannot fill a training sample; one without frames is never usable."""
     if num_frames < max(min_frames, 1):
         raise ConversionError(f"{where}: has {num_frames} usable frames, fewer than min_frames={min_frames}")

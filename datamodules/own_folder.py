@@ -57,7 +57,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.converters import Source, normalize_expression
+from datamodules.converters import Source, check_length, normalize_expression
 from datamodules.formats import ConversionError, load_json
 from datamodules.records import Expression, VideoRecord, encode_rle, sample_key
 from datamodules.video_files import VIDEO_SUFFIXES, video_file_frames, video_frame_name
@@ -434,14 +434,14 @@ def _read_video(root: Path, video: str, raw: Any, expressions_file: Path, entrie
         if annotated is not None:
             _check_mask_names(annotated, list(files), source, video)
         names = [n for n in files if annotated is None or n in annotated]
-        _check_length(len(names), min_frames, where, source)
+        check_length(len(names), min_frames, f"{where} ({source})")
         frames, height, width = _read_frames([files[n] for n in names], video)
         total = len(files)
     else:
         names, frames, height, width, total = _decode_video_file(source, annotated, video)
         if annotated is not None:
             _check_mask_names(annotated, names, source, video, decoded=total)
-        _check_length(len(names), min_frames, where, source)
+        check_length(len(names), min_frames, f"{where} ({source})")
     objects = _object_masks(masks, names, height, width, video) if masks is not None else {}
     for expression, row in zip(expressions, (rows[int(e.exp_id)] for e in expressions), strict=True):
         absent = [o for o in expression.obj_ids if o not in objects]
@@ -465,11 +465,6 @@ def _check_mask_names(annotated: dict[str, Path], names: list[str], source: Path
             frames = f"{source} has {decoded} frames, named {video_frame_name(0)} ... {video_frame_name(max(decoded - 1, 0))}"
         raise ConversionError(f"video {video!r}: mask {stray[0]} has no frame {stray[0].stem!r} ({frames}); a mask is named "
                               "as its frame's file, with .png")
-
-
-def _check_length(num_frames: int, min_frames: int, where: str, source: Path) -> None:
-    if num_frames < max(min_frames, 1):
-        raise ConversionError(f"{where} ({source}): has {num_frames} usable frames, fewer than min_frames={min_frames}")
 
 
 def _read_frames(files: list[Path], video: str) -> tuple[list[bytes], int, int]:

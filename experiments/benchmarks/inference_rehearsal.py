@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,13 +81,7 @@ def measure(preset: str, layers: int, frames: int, expressions: int, mode: str) 
 def run_child(args: argparse.Namespace, layers: int, mode: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", args.backbone, str(layers), mode, "--frames", str(args.frames),
            "--expressions", str(args.expressions)]
-    print(f"[inference rehearsal] {args.backbone} {mode} layers={layers}", file=sys.stderr, flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    print(f"[inference rehearsal]   done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return rehearsal.run_measurement(cmd, f"[inference rehearsal] {args.backbone} {mode} layers={layers}")
 
 
 def report(runs: list[dict[str, Any]], preset_name: str) -> str:

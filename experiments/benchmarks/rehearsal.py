@@ -863,12 +863,17 @@ def run_child(args: argparse.Namespace, mode: str, layers: int, vocab: int, val_
     cmd = [sys.executable, __file__, "--one", args.backbone, mode, str(layers), str(vocab), "--device", args.device,
            "--variant", args.variant,
            "--val-frames", str(val_frames), "--save-dir", str(args.save_dir), *(["--qlora-step"] if args.qlora_step else [])]
-    print(f"[rehearsal] {args.backbone} {args.variant} {mode} layers={layers} vocab={vocab} val_frames={val_frames}", file=sys.stderr, flush=True)
+    return run_measurement(cmd, f"[rehearsal] {args.backbone} {args.variant} {mode} layers={layers} vocab={vocab} val_frames={val_frames}")
+
+
+def run_measurement(cmd: list[str], label: str) -> dict[str, Any]:
+    """Run one measuring process (its own, so that runs do not share memory) and parse the JSON line it prints last."""
+    print(label, file=sys.stderr, flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    print(f"[rehearsal]   done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    print(f"{label.split(']')[0]}]   done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
