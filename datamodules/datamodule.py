@@ -70,9 +70,10 @@ from datamodules.sampling import (
     plan_eval,
     plan_train,
 )
-from datamodules.shards import check_shard_format
+from datamodules.shards import MANIFEST, Manifest, check_shard_format
+from datamodules.synthetic import LOOKALIKE, OBJECTS, SPLIT_STREAMS
 from datamodules.targets import Targets
-from glus_lightning.config import DataConfig
+from glus_lightning.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -342,11 +343,15 @@ class RefVOSDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the built-in synthetic dataset under ``data.root`` when ``data.synthetic`` is set and shards are missing."""
         cfg = self.cfg
-        if cfg.synthetic is None or all(_matches_any(cfg.root, entry.shards) for entry in [*cfg.train, *cfg.val]):
+        if cfg.synthetic is None:
             return
         syn = cfg.synthetic
+        if all(_matches_any(cfg.root, entry.shards) for entry in [*cfg.train, *cfg.val]):
+            _check_synthetic(Path(cfg.root), {"objects": list(syn.objects), "lookalike": syn.lookalike})
+            return
         log.info("generating the synthetic dataset under %s", cfg.root)
-        prepare_synthetic(Path(cfg.root), seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, frames=syn.frames, size=syn.size)
+        prepare_synthetic(Path(cfg.root), seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, frames=syn.frames, size=syn.size,
+                          objects=tuple(syn.objects), lookalike=syn.lookalike)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -390,6 +395,25 @@ class RefVOSDataModule(LightningDataModule):
         urls = sorted({url for entry in cfg.val for url in resolve_shards(cfg.root, entry.shards)})
         stream = EvalStream(urls, cfg, *_rank_and_world())
         return DataLoader(stream, batch_size=1, num_workers=cfg.num_workers, collate_fn=collate)
+
+
+def _check_synthetic(root: Path, wanted: dict) -> None:
+    """Raise ConfigError when the synthetic shards under ``root`` show other scenes than ``data.synthetic`` asks for
+    (``wanted``: objects, lookalike), rather than silently training on data the config does not describe. Counts, sizes
+    and seed may differ: shards prepared by ``glus prepare synthetic`` with their own are used as they are."""
+    for split in SPLIT_STREAMS:
+        if not (root / split / MANIFEST).is_file():
+            continue
+        converter = Manifest.load(root / split).converter
+        if converter is None or "options" not in converter:  # written before manifests recorded how: nothing to compare
+            continue
+        made = {"objects": list(OBJECTS), "lookalike": LOOKALIKE, **converter["options"]}  # before these options: defaults
+        differ = {key: made.get(key) for key, value in wanted.items() if made.get(key) != value}
+        if differ:
+            raise ConfigError(
+                f"{root / split}: the synthetic dataset there was generated with {differ}, but data.synthetic asks for "
+                f"{ {key: wanted[key] for key in differ} }; delete {root} to regenerate it, or set data.root to another folder"
+            )
 
 
 def _matches_any(root: str, pattern: str) -> bool:

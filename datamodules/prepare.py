@@ -23,7 +23,7 @@ from datamodules.own_folder import CONVERTER_VERSION as FOLDER_CONVERTER_VERSION
 from datamodules.own_folder import DATASET as FOLDER
 from datamodules.own_folder import GT_DIR, GroundTruth, open_folder
 from datamodules.shards import MANIFEST, Manifest, write_shards
-from datamodules.synthetic import DATASET, GENERATOR_VERSION, synthetic_records
+from datamodules.synthetic import DATASET, GENERATOR_VERSION, LOOKALIKE, OBJECTS, synthetic_records
 
 SYNTHETIC_SHARDS = 8  # shards per synthetic split, so that up to 8 ranks x workers each get some
 
@@ -57,13 +57,18 @@ def configure_prepare_parser(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--num-val", type=_positive, default=40, help="validation videos (default: 40)")
     sub.add_argument("--frames", type=_positive, default=12, help="frames per video (default: 12)")
     sub.add_argument("--size", type=_positive, default=96, help="frame height and width in pixels (default: 96)")
+    sub.add_argument("--objects", type=_positive, nargs=2, default=list(OBJECTS), metavar=("MIN", "MAX"),
+                     help=f"objects per video (default: {OBJECTS[0]} {OBJECTS[1]})")
+    sub.add_argument("--lookalike", type=float, default=LOOKALIKE,
+                     help=f"chance that an object copies an earlier one's looks but one attribute (default: {LOOKALIKE})")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run the subcommand parsed by ``configure_prepare_parser``; print a summary; return the exit code."""
     try:
         if args.dataset == "synthetic":
-            manifests = prepare_synthetic(args.out, args.seed, args.num_train, args.num_val, args.frames, args.size)
+            manifests = prepare_synthetic(args.out, args.seed, args.num_train, args.num_val, args.frames, args.size,
+                                          tuple(args.objects), args.lookalike)
             outs = {split: Path(args.out) / split for split in manifests}
         elif args.dataset == FOLDER:
             manifests = {args.split: prepare_folder(args.root, args.out, args.split, args.videos_per_shard, args.skip_bad,
@@ -125,15 +130,17 @@ def prepare_official(
                             converter=converter, no_target=source.no_target)
 
 
-def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames: int, size: int) -> dict[str, Manifest]:
+def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames: int, size: int,
+                      objects: tuple[int, int] = OBJECTS, lookalike: float = LOOKALIKE) -> dict[str, Manifest]:
     """Generate the synthetic dataset into ``out/train/`` and ``out/val/``; returns their manifests."""
     counts = {"train": num_train, "val": num_val}
     dirs = {split: _fresh(Path(out) / split, split) for split in counts}
     manifests = {}
-    options = {"seed": seed, "num_train": num_train, "num_val": num_val, "frames": frames, "size": size}
+    options = {"seed": seed, "num_train": num_train, "num_val": num_val, "frames": frames, "size": size,
+               "objects": list(objects), "lookalike": lookalike}
     for split, count in counts.items():
         with _removed_on_failure(dirs[split], split):
-            records = synthetic_records(seed, split, count, frames, size)
+            records = synthetic_records(seed, split, count, frames, size, tuple(objects), lookalike)
             per_shard = math.ceil(count / SYNTHETIC_SHARDS)
             converter = {"name": DATASET, "version": GENERATOR_VERSION, "options": {**options, "videos_per_shard": per_shard}}
             manifests[split] = write_shards(records, dirs[split], DATASET, split, per_shard, total=count, converter=converter)

@@ -44,10 +44,11 @@ class VideoSample:
 def segments(num_frames: int, num_segments: int) -> list[range]:
     """Split ``range(num_frames)`` into ``num_segments`` near-equal consecutive parts.
 
-    With fewer frames than segments a part holds one frame and frames repeat across parts.
+    With fewer frames than segments a part holds one frame and frames repeat across parts; no segments: no parts
+    (``data.num_context=0``, no context frames).
     """
-    if num_frames < 1 or num_segments < 1:
-        raise ValueError(f"need at least one frame and one segment, got {num_frames} frames, {num_segments} segments")
+    if num_frames < 1 or num_segments < 0:
+        raise ValueError(f"need at least one frame and no negative segment count, got {num_frames} frames, {num_segments} segments")
     parts = []
     for i in range(num_segments):
         lo = i * num_frames // num_segments

@@ -136,6 +136,8 @@ def _prepare_hint(data: dict[str, Any], split_dir: Path) -> str:
         return f"To use this data, {_REPREPARE}, or use the glus-lightning version that wrote it."
     if name == "synthetic":
         flags = [(f"--{key.replace('_', '-')}", options[key]) for key in ("seed", "num_train", "num_val", "frames", "size") if key in options]
+        flags += [("--objects", *options["objects"])] if "objects" in options else []
+        flags += [("--lookalike", options["lookalike"])] if "lookalike" in options else []
     else:
         flags = [("--root", options.get("root", "ROOT")), ("--split", options.get("split", split_dir.name))]
         flags += [(f"--{key.replace('_', '-')}", options[key]) for key in ("videos_per_shard", "min_frames") if key in options]

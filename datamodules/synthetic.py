@@ -51,6 +51,8 @@ DIRECTIONS = {"up": (0.0, -1.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "right
 TRAVEL = (0.3, 0.45)  # distance moved, fraction of the frame size
 POSITION_MARGIN = 0.1  # fraction of the frame size that makes "on the left" clear
 TWIN_PROBABILITY = 0.5
+OBJECTS = (2, 4)  # objects per video, inclusive (data.synthetic.objects)
+LOOKALIKE = 0.0  # chance that a further object copies an earlier one's looks but for one attribute (data.synthetic.lookalike)
 EXTENT = 1.2  # half-extent of any shape in radii (the triangle's circumradius), keeps shapes inside the frame
 MIN_VISIBLE = 0.3  # an object must show this fraction of its area ...
 MIN_VISIBLE_FRAMES = 0.75  # ... in at least this fraction of frames
@@ -74,6 +76,18 @@ VOCABULARY = frozenset(
 )
 
 APPEARANCE = ("colour", "shape", "size")
+KINDS = ("appearance", "position", "motion", "multi-object")
+
+
+def expression_kind(text: str) -> str:
+    """Which of ``KINDS`` an expression of this generator is: what it needs besides the looks of one frame."""
+    if not text.startswith("the ") or text.startswith("the two "):
+        return "multi-object"
+    if any(text.endswith(" " + phrase) for pair in MOTION_WORDS.values() for phrase in pair):
+        return "motion"
+    if any(text.endswith(" " + phrase) for phrase in POSITION_WORDS.values()):
+        return "position"
+    return "appearance"
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,6 +205,16 @@ def _make_object(
 
 def _random_looks(rng: np.random.Generator) -> tuple[str, str, str]:
     return (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(list(RADII))))
+
+
+def _lookalike_looks(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tuple[str, str, str]:
+    """The looks of a random earlier object with one attribute (colour, shape or size) changed."""
+    model = objects[int(rng.integers(len(objects)))]
+    looks = [model.colour, model.shape, model.size]
+    k = int(rng.integers(3))
+    choices = [list(COLOURS), list(SHAPES), list(RADII)][k]
+    looks[k] = str(rng.choice([c for c in choices if c != looks[k]]))
+    return looks[0], looks[1], looks[2]
 
 
 def _random_motion(rng: np.random.Generator) -> tuple[str | None, bool]:
@@ -356,14 +380,15 @@ def _expressions(rng: np.random.Generator, objects: Sequence[SceneObject], size:
 
 
 def _scene(
-    rng: np.random.Generator, frames: int, size: int, tries: int = 200
+    rng: np.random.Generator, frames: int, size: int, objects_range: tuple[int, int], lookalike: float, tries: int = 200
 ) -> tuple[list[SceneObject], np.ndarray, list[tuple[Description, frozenset[int]]]]:
     """Objects, their label maps and expressions of a scene that shows every object and says at least two things."""
     for _ in range(tries):
-        count = int(rng.integers(2, 5))
+        count = int(rng.integers(objects_range[0], objects_range[1] + 1))
         objects = _twins(rng, frames, size) if rng.random() < TWIN_PROBABILITY else []
         while len(objects) < count:  # identical looks only for twins, so any two lookalikes differ only in motion
-            looks = _random_looks(rng)
+            copied = lookalike > 0 and objects and rng.random() < lookalike  # no draw at 0: the same videos as before
+            looks = _lookalike_looks(rng, objects) if copied else _random_looks(rng)
             if all(looks != (o.colour, o.shape, o.size) for o in objects):
                 objects.append(_make_object(rng, looks, *_random_motion(rng), frames, size))
         objects = [replace(objects[k], obj_id=i + 1) for i, k in enumerate(rng.permutation(len(objects)))]  # ids follow z-order
@@ -376,19 +401,23 @@ def _scene(
     raise RuntimeError(f"no acceptable scene in {tries} tries (frames={frames}, size={size})")
 
 
-def generate_video(seed: int, split: str, index: int, frames: int, size: int) -> SyntheticVideo:
-    """Video ``index`` of ``split`` ("train" or "val"), fully determined by the arguments."""
+def generate_video(seed: int, split: str, index: int, frames: int, size: int, objects: tuple[int, int] = OBJECTS,
+                   lookalike: float = LOOKALIKE) -> SyntheticVideo:
+    """Video ``index`` of ``split`` ("train" or "val"), fully determined by the arguments; ``objects`` (min, max) per
+    video, ``lookalike``: the chance that each object after the first copies an earlier one's looks but one attribute."""
     if split not in SPLIT_STREAMS:
         raise ValueError(f"split {split!r} is not a synthetic split; valid: {', '.join(SPLIT_STREAMS)}")
     if frames < 4:
         raise ValueError(f"frames={frames}: synthetic videos need at least 4 frames to show motion")
     if size < 32:
         raise ValueError(f"size={size}: synthetic frames need at least 32 pixels")
+    if not 1 <= objects[0] <= objects[1] or not 0 <= lookalike <= 1:
+        raise ValueError(f"objects={tuple(objects)} must be (min, max) with 1 <= min <= max, lookalike={lookalike} in [0, 1]")
     rng = np.random.default_rng((seed, SPLIT_STREAMS[split], index))
-    objects, labels, expressions = _scene(rng, frames, size)
+    scene, labels, expressions = _scene(rng, frames, size, (int(objects[0]), int(objects[1])), lookalike)
     red, green, blue = (int(c) for c in rng.integers(20, 80, size=3))
     background = (red, green, blue)
-    palette = np.array([background] + [COLOURS[o.colour] for o in objects], dtype=np.int16)
+    palette = np.array([background] + [COLOURS[o.colour] for o in scene], dtype=np.int16)
     jpegs = []
     for t in range(frames):
         pixels = palette[labels[t]] + rng.integers(-NOISE, NOISE + 1, size=(size, size, 3), dtype=np.int16)
@@ -403,15 +432,16 @@ def generate_video(seed: int, split: str, index: int, frames: int, size: int) ->
         width=size,
         expressions=[Expression(str(i), d.text, tuple(sorted(ids))) for i, (d, ids) in enumerate(expressions)],
         frames=jpegs,
-        masks={o.obj_id: [encode_rle(labels[t] == o.obj_id) for t in range(frames)] for o in objects},
+        masks={o.obj_id: [encode_rle(labels[t] == o.obj_id) for t in range(frames)] for o in scene},
     )
-    return SyntheticVideo(record, objects, background)
+    return SyntheticVideo(record, scene, background)
 
 
-def synthetic_records(seed: int, split: str, count: int, frames: int, size: int) -> Iterator[VideoRecord]:
+def synthetic_records(seed: int, split: str, count: int, frames: int, size: int, objects: tuple[int, int] = OBJECTS,
+                      lookalike: float = LOOKALIKE) -> Iterator[VideoRecord]:
     """The ``count`` videos of one split, in order."""
     for index in range(count):
-        yield generate_video(seed, split, index, frames, size).record
+        yield generate_video(seed, split, index, frames, size, objects, lookalike).record
 
 
 def write_mevis_layout(records: Iterable[VideoRecord], root: str | Path, split: str) -> Path:

@@ -1,60 +1,47 @@
-"""Does the demo model really learn to follow the expression? Mask quality on the synthetic validation split of:
+"""Does the demo model follow the expression? Mask quality on the synthetic validation split, per seed, of:
 
-1. the untrained model (random init, the demo seed);
-2. the model after the default run (`glus fit`);
-3. a control trained the same way but with every expression replaced by one from another, earlier video, so the
-   text carries no information about the target: it can only learn a prior such as "segment some shape".
+1. ``untrained``: the model at initialisation;
+2. ``glus``: the model after the default run (`glus fit`, with ``seed`` and ``data.seed`` set);
+3. ``shuffled``: a control trained the same way but with every expression replaced by one from another, earlier
+   video, so the text carries no information about the target: it can only learn a prior such as "segment some shape".
 
-    python experiments/demo_controls.py [key=value ...]      # the same overrides as `glus fit`
-    python experiments/demo_controls.py [key=value ...] --runs untrained shuffled
+Prints J&F per expression kind, the confusion rate and the trained - shuffled gap (mean +- std over seeds). Each
+(arm, seed) is kept in ``--out`` as it finishes (``arms.py``): a rerun resumes.
+
+    python experiments/demo_controls.py [--seeds 0 1 2] [key=value ...]      # the same overrides as `glus fit`
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+from pathlib import Path
 
-import lightning as L
+from arms import UNTRAINED, print_table, run_seed
+from scoring import mean_spread
 
-from datamodules.batch import RefVOSBatch
-from glus_lightning import runner
-from glus_lightning.config import compose
-
-
-class ShuffledExpressions(L.Callback):
-    """Replaces each training expression by a random one from a pool of earlier batches' other videos."""
-
-    def __init__(self, seed: int, pool_size: int = 256) -> None:
-        self.rng = random.Random(seed)
-        self.pool: list[tuple[str, str]] = []  # (video id, expression)
-        self.pool_size = pool_size
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: RefVOSBatch, batch_idx: int) -> None:
-        own = [(batch.video_ids[v], text) for v, text in zip(batch.expression_video.tolist(), batch.expressions)]
-        shuffled = []
-        for video, text in own:
-            others = [t for v, t in self.pool if v != video]
-            shuffled.append(self.rng.choice(others) if others else text)
-        self.pool = (self.pool + own)[-self.pool_size :]
-        batch.expressions = shuffled
-
-
-RUNS = {
-    "untrained": lambda o: runner.validate(compose([*o, "name=demo_untrained"])),
-    "trained": lambda o: runner.fit(compose([*o, "name=demo_trained"])),
-    "shuffled": lambda o: runner.fit(compose([*o, "name=demo_shuffled"]), [ShuffledExpressions(compose(o).seed)]),
-}
+CONTROLS = [UNTRAINED, "glus", "shuffled"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=CONTROLS, default=CONTROLS)
+    parser.add_argument("--videos", type=int, default=None, help="score only the first N validation videos")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo_controls"), help="one JSON per (arm, seed)")
+    parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
-    rows = [(name, RUNS[name](args.overrides)) for name in args.runs]
-    print(f"\n{'model':12s} {'J (IoU)':>8s} {'F':>8s} {'J&F':>8s}")
-    for name, res in rows:
-        print(f"{name:12s} {res['val/J']:8.4f} {res['val/F']:8.4f} {res['val/J&F']:8.4f}")
+    args = parser.parse_intermixed_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for seed in args.seeds:
+            run_seed(args.arms, seed, args.overrides, args.out, args.videos)
+    results = print_table(args.out, CONTROLS)
+    trained = {r["seed"]: r["J&F"] for r in results.get("glus", [])}
+    shuffled = {r["seed"]: r["J&F"] for r in results.get("shuffled", [])}
+    gaps = [trained[s] - shuffled[s] for s in sorted(trained.keys() & shuffled.keys())]
+    if gaps:
+        print(f"\ntrained - shuffled J&F over {len(gaps)} seeds: {mean_spread(gaps)} (per seed: "
+              + ", ".join(f"{g:+.3f}" for g in gaps) + ")")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class MemoryConfig:  # conf/segmenter/_memory.yaml explains each; the GLUS refer
     eval_stride: int = MISSING
     gate_by_object_score: bool = MISSING
     encoder_input: str = MISSING  # "raw" or "conditioned"
+    bank: bool = MISSING  # false: no memory attention (an ablation)
 
 
 @dataclass
@@ -116,6 +117,8 @@ class SyntheticConfig:
     frames: int = MISSING
     size: int = MISSING
     seed: int = MISSING
+    objects: list[int] = MISSING  # [min, max] objects per video
+    lookalike: float = MISSING  # chance an object copies an earlier one's looks but one attribute
 
 
 @dataclass

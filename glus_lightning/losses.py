@@ -22,7 +22,7 @@ class GLUSOutput:
     """The training forward's output (``GLUSModule.forward``), what ``GLUSLoss`` scores."""
 
     lm_loss: Tensor  # scalar
-    mask_logits: list[Tensor]  # E tensors [Q, h, w] of low-resolution logits
+    mask_logits: Tensor  # [E, Q, h, w] low-resolution logits
     prompts: Tensor  # [E, Q, prompt_dim] projected [SEG] embeddings
     iou_pred: Tensor  # [E, Q] SAM2's predicted IoU
     object_logits: Tensor  # [E, Q] SAM2's object-presence logits

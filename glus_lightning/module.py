@@ -65,6 +65,7 @@ class GLUSModule(L.LightningModule):
         self.val_metric = JAndF()
         self.test_metric = JAndF()
         self.expression_scores: dict[str, dict[str, float]] = {}  # last val/test epoch, keys "dataset/video/exp_id"
+        self.last_validation: tuple[int, dict[str, float]] | None = None  # (step, val/ scores) of the last validation
         # Hugging Face's from_pretrained returns eval-mode models and Lightning's fit does not switch modes: without
         # this the LM would train in eval mode, without gradient checkpointing (HF checks .training) or LoRA dropout
         self.train()
@@ -85,7 +86,9 @@ class GLUSModule(L.LightningModule):
         features = self.segmenter.encode_frames(batch.query_frames.flatten(0, 1))
         rows = batch.expression_video[:, None] * q + torch.arange(q, device=prompts.device)
         track = self.segmenter.track(self.segmenter.select(features, rows), prompts)
-        return GLUSOutput(lm_loss, list(track.mask_logits.unbind(0)), prompts, track.iou_pred, track.object_score_logits)
+        # no views among the outputs: FSDP2 warns about (and cannot track in-place writes to) views a module returns;
+        # the projection's output is one (Linear on [E, Q, D] reshapes its product), so it is copied: E x Q x 256 values
+        return GLUSOutput(lm_loss, track.mask_logits, prompts.clone(), track.iou_pred, track.object_score_logits)
 
     @torch.no_grad()
     def predict_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Tensor:
@@ -240,19 +243,22 @@ class GLUSModule(L.LightningModule):
         return {"mask_logits": logits}
 
     def on_validation_epoch_end(self) -> None:
-        self._log_scores(self.val_metric, "val")
+        scores = self._log_scores(self.val_metric, "val")
+        if not self.trainer.sanity_checking:
+            self.last_validation = (self.global_step, scores)  # runner.fit reports it rather than validating again
 
     def on_test_epoch_end(self) -> None:
         self._log_scores(self.test_metric, "test")
 
-    def _log_scores(self, metric: JAndF, stage: str) -> None:
-        """Log ``<stage>/J``, ``/F``, ``/J&F`` and keep the per-expression scores (for CSV tables)."""
-        scores = metric.compute()
+    def _log_scores(self, metric: JAndF, stage: str) -> dict[str, float]:
+        """Log ``<stage>/J``, ``/F``, ``/J&F`` and keep the per-expression scores (for CSV tables); returns the logged."""
+        scores = {f"{stage}/{k}": v for k, v in metric.compute().items() if k in ("J", "F", "J&F")}
         # already the scores over every rank (JAndF gathers its per-expression states), so equal on all ranks: their
         # mean (sync_dist) is the same value, and Lightning does not warn that they are unsynced
-        self.log_dict({f"{stage}/{k}": v for k, v in scores.items() if k in ("J", "F", "J&F")}, prog_bar=True, sync_dist=True)
+        self.log_dict(scores, prog_bar=True, sync_dist=True)
         self.expression_scores = metric.per_expression()
         metric.reset()
+        return {k: float(v) for k, v in scores.items()}
 
     # ------------------------------------------------------------------------ scale, checkpoints
     def configure_model(self) -> None:

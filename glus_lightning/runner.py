@@ -108,7 +108,8 @@ def save_config(cfg: DictConfig, trainer: L.Trainer, log_dir: Path) -> None:
 
 
 def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:
-    """Train, then validate the final model; prints where the logs and checkpoints are."""
+    """Train; returns the final model's validation scores (validating it again only when the last validation came before
+    the last step); prints where the logs and checkpoints are."""
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path, version = resolve_checkpoint(cfg)
     refinement = [KeyframeSelfRefinement(cfg.refine, cfg.data)] if cfg.inference.keyframes else []
@@ -118,12 +119,14 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     datamodule = RefVOSDataModule(cfg.data)
     model = GLUSModule(cfg, load_device=trainer.strategy.root_device)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    results = trainer.validate(model, datamodule=datamodule, weights_only=True)
+    step, scores = model.last_validation or (None, None)
+    if step != trainer.global_step:  # the final model is not validated yet (max_steps not a multiple of the cadence)
+        scores = next(iter(trainer.validate(model, datamodule=datamodule, weights_only=True)), None)
     if trainer.is_global_zero:
         last, best = (next(c for c in trainer.callbacks if isinstance(c, kind)) for kind in (LastCheckpoint, ModelCheckpoint))
         print(f"\nLogs: {log_dir}  (tensorboard --logdir {cfg.run_dir})")
         print(f"Checkpoints: last {last.last_model_path or '-'}  best {best.best_model_path or '-'}")
-    return results[0] if results else {}
+    return scores or {}
 
 
 def validate(cfg: DictConfig, csv: str | Path | None = None) -> dict[str, float]:

@@ -32,7 +32,7 @@ from datamodules.sampling import (
     train_query_indices,
 )
 from datamodules.shards import MANIFEST, Manifest, ShardFormatError, write_shards
-from glus_lightning.config import DataConfig
+from glus_lightning.config import ConfigError, DataConfig, compose
 
 H, W, S = 24, 32, 16
 LEVEL = 7  # frame t is a flat grey of value LEVEL * t, so a decoded frame tells its index
@@ -384,7 +384,8 @@ def test_eval_raises_on_corrupt_data(tmp_path):
 def test_synthetic_dataset_is_generated_when_missing(tmp_path):
     root = tmp_path / "syn"
     cfg = data_cfg(root, [source("synthetic", "train/train-*.tar")], val=[source("synthetic", "val/val-*.tar")],
-                   synthetic={"num_train": 3, "num_val": 2, "frames": 4, "size": 32, "seed": 0})
+                   synthetic={"num_train": 3, "num_val": 2, "frames": 4, "size": 32, "seed": 0,
+                              "objects": [2, 4], "lookalike": 0.0})
     dm = RefVOSDataModule(cfg)
     dm.prepare_data()
     manifest = json.loads((root / "val" / "manifest.json").read_text())
@@ -419,7 +420,8 @@ def test_future_shard_format_is_refused_naming_manifest_versions_and_what_to_do(
         assert "reads shard format version 1 only" in message
         # the command that re-prepares it, from the converter options the manifest records
         assert f"move {root / 'train'} and {root / 'val'} aside" in message
-        assert f"glus prepare synthetic --seed 0 --num-train 2 --num-val 1 --frames 4 --size 32 --out {root}" in message
+        assert (f"glus prepare synthetic --seed 0 --num-train 2 --num-val 1 --frames 4 --size 32 --objects 2 4 --lookalike 0.0 "
+                f"--out {root}") in message
         _edit_manifest(manifest, lambda m: m.update(format_version=1))
     # `glus predict --input <shard>.tar` reads shards without a pattern: refused too
     from glus_lightning.inference.sources import read_input
@@ -434,6 +436,21 @@ def test_future_shard_format_is_refused_naming_manifest_versions_and_what_to_do(
     (root / "val" / MANIFEST).write_text("{")
     with pytest.raises(ShardFormatError, match=r"val/manifest.json: cannot read this manifest.*glus prepare"):
         RefVOSDataModule(_synthetic_cfg(root)).val_dataloader()
+
+
+def test_synthetic_data_made_with_other_options_is_refused_not_silently_used(tmp_path):
+    root = tmp_path / "syn"
+    prepare_synthetic(root, seed=0, num_train=2, num_val=1, frames=4, size=32)
+    cfg = compose([f"data.root={root}"]).data
+    RefVOSDataModule(cfg).prepare_data()  # the same scenes (other counts and sizes): the shards are used as they are
+    crowded = compose([f"data.root={root}", "data.synthetic.lookalike=0.5"]).data
+    with pytest.raises(ConfigError, match=r"generated with \{'lookalike': 0.0\}.*asks for \{'lookalike': 0.5\}.*delete"):
+        RefVOSDataModule(crowded).prepare_data()
+    for split in ("train", "val"):  # a manifest written before the options existed: made with their defaults
+        _edit_manifest(root / split / MANIFEST, lambda m: [m["converter"]["options"].pop(k) for k in ("objects", "lookalike")])
+    RefVOSDataModule(cfg).prepare_data()
+    with pytest.raises(ConfigError, match="lookalike"):
+        RefVOSDataModule(crowded).prepare_data()
 
 
 def test_manifest_of_before_format_versions_still_loads_and_missing_manifest_warns(tmp_path, caplog):

@@ -25,7 +25,7 @@ from glus_lightning.config import compose, load_group
 from glus_lightning.inference.predictor import load_module, segment_video, video_batch
 from glus_lightning.inference.sources import Video, read_input, shard_records
 from glus_lightning.inference.submission import ANNOTATIONS, write_submission, write_zip
-from glus_lightning.inference.writers import write_overlay
+from glus_lightning.inference.writers import LEGEND_ROW, LEGIBLE_WIDTH, PALETTE, write_overlay
 
 FRAMES, WINDOW = 7, 3  # 7 frames in windows of 3: the last window is short
 
@@ -106,6 +106,14 @@ def test_prefix_cache_gives_the_outputs_of_the_full_conversation(family: str) ->
         assert prefix.next_position < len(prefix.ids)
         shifted = PrefixCache(prefix.ids, prefix.layers, prefix.next_position + 1)
         assert not torch.allclose(encode(shifted).seg_hidden, full.seg_hidden, atol=1e-4)
+    # without context frames (data.num_context=0, the ablation) the prefix is the system prompt alone: still exact
+    none = context[:0]
+    with torch.no_grad():
+        bare = bb.encode(none[None].expand(e, -1, -1, -1, -1), query.expand(e, -1, -1, -1, -1), expressions, True)
+        bare_cached = bb.encode(none[None].expand(e, -1, -1, -1, -1), query.expand(e, -1, -1, -1, -1), expressions, True,
+                                bb.encode_prefix(none))
+    torch.testing.assert_close(bare_cached.seg_hidden, bare.seg_hidden, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(bare.seg_hidden, full.seg_hidden, atol=1e-3)  # the context frames mattered
 
 
 def count_vision_frames(module) -> list[int]:
@@ -228,6 +236,34 @@ def test_bad_inputs_fail_with_clear_errors(data_root: Path, tmp_path: Path, caps
     assert "inference.overlay='avi'" in err and "notes.txt" in err and "rank 2 / world size 2" in err
     with pytest.raises(ValueError, match=".gif or .mp4"):
         write_overlay(tmp_path / "o.avi", [np.zeros((4, 4, 3), np.uint8)], [np.zeros((1, 4, 4), bool)], 5, 0.5)
+
+
+
+def test_overlay_names_each_expression_in_its_mask_colour(tmp_path: Path) -> None:
+    """Each mask is tinted in its palette colour and a legend under the (enlarged) frame names it in that colour."""
+    frame = np.full((32, 32, 3), 100, np.uint8)
+    masks = [np.zeros((1, 32, 32), bool), np.zeros((1, 32, 32), bool)]
+    masks[0][0, :8, :8] = True  # top-left: the first expression
+    masks[1][0, 24:, 24:] = True  # bottom-right: the second
+    labels = ["the red circle moving up", "the red circle moving down"]
+    write_overlay(tmp_path / "o.gif", [frame], masks, 5, 0.5, labels)
+    with Image.open(tmp_path / "o.gif") as gif:
+        image = np.asarray(gif.convert("RGB")).astype(int)
+    factor = LEGIBLE_WIDTH // 32  # 32 px frames are enlarged 10x so the text fits beside them
+    assert image.shape == (32 * factor + LEGEND_ROW * 2 + 4, 32 * factor, 3)
+    for k, (y, x) in enumerate([(4, 4), (28, 28)]):  # the masks' centres, enlarged: 100 blended with the colour
+        expected = 0.5 * 100 + 0.5 * PALETTE[k]
+        assert np.abs(image[y * factor, x * factor] - expected).max() <= 8  # GIF palette quantisation
+    assert np.abs(image[16 * factor, 16 * factor] - 100).max() <= 8  # untinted where no mask is
+    for k in range(2):  # each legend row: a swatch and the sentence, drawn in the expression's colour
+        row = image[32 * factor + 2 + k * LEGEND_ROW : 32 * factor + 2 + (k + 1) * LEGEND_ROW]
+        coloured = (np.abs(row - PALETTE[k]) <= 8).all(-1)
+        assert coloured[:, :LEGEND_ROW].sum() >= (LEGEND_ROW - 6) ** 2  # the swatch
+        assert coloured[:, LEGEND_ROW:].sum() > 100  # the text's strokes
+        other = (np.abs(row - PALETTE[1 - k]) <= 8).all(-1)
+        assert other.sum() == 0
+    with pytest.raises(ValueError, match="2 masks for 1 legend labels"):
+        write_overlay(tmp_path / "p.gif", [frame], masks, 5, 0.5, labels[:1])
 
 
 # ------------------------------------------------------------------------------------------ submission

@@ -142,6 +142,22 @@ def test_memory_bank_changes_later_predictions():
     assert (same - empty.mask_logits).abs().max() > 1e-3  # memory vs the empty-bank (no_mem_embed) path
 
 
+def test_without_the_bank_every_frame_is_segmented_on_its_own():
+    """segmenter.memory.bank=false (the ablation): a track's frames are what memoryless segmentation gives each frame,
+    while the same weights with the bank differ after the first frame."""
+    on, off = (present_or_absent(make([f"memory.bank={flag}"]), present=True).eval() for flag in ("true", "false"))
+    off.load_state_dict(on.state_dict())
+    frames, prompts = frames_like(on, 4), prompts_like(on, 2, 4, seed=1)
+    with torch.no_grad():
+        features = on.encode_frames(frames)
+        index = torch.arange(4).expand(2, -1)
+        tracked = off.track(off.select(features, index), prompts).mask_logits
+        alone = torch.stack([on.segment_without_memory(features[index[:, t]], prompts[:, t]).mask_logits[:, 0] for t in range(4)], 1)
+        with_bank = on.track(on.select(features, index), prompts).mask_logits
+    torch.testing.assert_close(tracked, alone)
+    assert torch.equal(with_bank[:, 0], tracked[:, 0]) and (with_bank[:, 1:] - tracked[:, 1:]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("max_memories", [7, 3])
 def test_memory_bank_is_bounded_over_a_long_video(max_memories):
     seg = make([f"max_memories={max_memories}"]).eval()

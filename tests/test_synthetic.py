@@ -18,6 +18,7 @@ from datamodules.synthetic import (
     VOCABULARY,
     SceneObject,
     SyntheticVideo,
+    expression_kind,
     generate_video,
     write_mevis_layout,
 )
@@ -138,6 +139,33 @@ def test_all_kinds_of_expression_are_present(videos: list[SyntheticVideo]) -> No
                 kinds["appearance"] += 1
     assert min(kinds.values()) >= 30, kinds
     assert kinds["motion only"] >= 60, kinds  # twins in about half of the videos
+
+
+def test_crowded_lookalike_scenes_stay_unambiguous_and_kinds_read_as_the_grammar_says() -> None:
+    """data.synthetic.objects / lookalike: more objects, most looking like another but for one attribute; every
+    expression still refers to exactly its objects, and ``expression_kind`` agrees with the independent parse."""
+    crowded = [generate_video(0, "train", i, FRAMES, SIZE, objects=(4, 5), lookalike=0.8) for i in range(60)]
+    assert all(4 <= len(v.objects) <= 5 for v in crowded)
+    sharing = 0  # objects that share all but one attribute with another (not twins)
+    for video in crowded:
+        for exp in video.record.expressions:
+            assert refers_to(exp.text, video.objects) == set(exp.obj_ids), (video.record.video, exp.text)
+            parsed = parse(exp.text)
+            expected = ("multi-object" if parsed["count"] != "one" else "motion" if parsed["motion"]
+                        else "position" if parsed["position"] else "appearance")
+            assert expression_kind(exp.text) == expected, exp.text
+        looks = [(o.colour, o.shape, o.size) for o in video.objects]
+        sharing += sum(any(sum(x != y for x, y in zip(a, b)) == 1 for b in looks) for a in looks)
+    objects = sum(len(v.objects) for v in crowded)
+    assert sharing >= 0.6 * objects, (sharing, objects)
+    plain = [generate_video(0, "train", i, FRAMES, SIZE) for i in range(60)]
+    plain_sharing = sum(
+        any(sum(x != y for x, y in zip((a.colour, a.shape, a.size), (b.colour, b.shape, b.size))) == 1 for b in v.objects)
+        for v in plain for a in v.objects
+    )
+    assert plain_sharing < sharing / 2
+    with pytest.raises(ValueError, match="lookalike=1.5"):
+        generate_video(0, "train", 0, FRAMES, SIZE, lookalike=1.5)
 
 
 # ---------------------------------------------------------------- the scene is what the pixels show

@@ -15,6 +15,7 @@ from datamodules.prepare import prepare_synthetic
 from datamodules.records import VideoRecord
 from glus_lightning import runner
 from glus_lightning.config import compose
+from glus_lightning.inference.writers import LEGEND_ROW, PALETTE
 from glus_lightning.module import GLUSModule
 
 FRAMES = 4
@@ -43,8 +44,16 @@ def test_fit_logs_validation_scores_and_overlays(tmp_path: Path) -> None:
     (shard,) = sorted((tmp_path / "data" / "val").glob("*.tar"))
     (record,) = [VideoRecord.from_sample(s) for s in shard_samples(str(shard), handler=lambda err: False)]
     assert set(scores) == {f"{record.dataset}/{record.video}/{x.exp_id}" for x in record.expressions}  # each scored once
-    assert sorted(images) == sorted(f"val_overlay/{record.video}/{e}: {x.text}" for e, x in enumerate(record.expressions))
-    strip = np.asarray(Image.open(io.BytesIO(events.Images(images[0])[-1].encoded_image_string)))
+    every = f"val_overlay/{record.video}/all expressions"
+    assert sorted(images) == sorted([every, *(f"val_overlay/{record.video}/{e}: {x.text}" for e, x in enumerate(record.expressions))])
+    strip = np.asarray(Image.open(io.BytesIO(events.Images(f"val_overlay/{record.video}/0: {record.expressions[0].text}")[-1].encoded_image_string)))
     size = cfg.segmenter.image_size
     assert strip.shape == (size, FRAMES * size, 3)
     assert (strip == (60, 255, 60)).all(-1).any()  # the ground-truth outline is drawn
+    # all predictions in their colours over the frames side by side (wide enough to stay at their size), a legend below
+    legend_rows = len(record.expressions)
+    together = np.asarray(Image.open(io.BytesIO(events.Images(every)[-1].encoded_image_string)))
+    assert together.shape == (size + LEGEND_ROW * legend_rows + 4, FRAMES * size, 3)
+    for k in range(legend_rows):  # each expression's swatch in its colour, on its row
+        row = together[size + 2 + k * LEGEND_ROW : size + 2 + (k + 1) * LEGEND_ROW, :LEGEND_ROW]
+        assert (row == PALETTE[k].astype(np.uint8)).all(-1).sum() >= (LEGEND_ROW - 6) ** 2

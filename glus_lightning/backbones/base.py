@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import BackboneConfig, ConfigError, PromptConfig
 from glus_lightning.precision import torch_dtype
@@ -308,6 +309,9 @@ class MLLMBackbone(nn.Module, ABC):
 
     def _frame_features(self, frames: Tensor, sizes: list[tuple[int, int]] | None) -> Tensor:
         """[B, N, tokens_per_image, D] image features of frame sets [B, N, 3, S, S] (``sizes``: each set's original size)."""
+        if frames.shape[:2].numel() == 0:  # no frames (``data.num_context=0``): the tower is not called on an empty batch
+            dtype = self.hf_model.get_input_embeddings().weight.dtype
+            return frames.new_zeros((*frames.shape[:2], self.tokens_per_image, self.hidden_size), dtype=dtype)
         features = self.image_features(self.pixel_values(frames.flatten(0, 1), _per_frame(sizes, frames)))
         return features.unflatten(0, frames.shape[:2])
 
@@ -358,6 +362,14 @@ class MLLMBackbone(nn.Module, ABC):
         hf.save_pretrained(path, state_dict=with_full_rows(merged_state_dict(hf), hf))
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+
+
+def image_inputs(features: Tensor, pooled: Tensor | list[Tensor], **extra: Any) -> dict[str, Any]:
+    """The Hugging Face forward's image arguments: precomputed ``features`` as ``mm_encoder_outputs`` (``pooled`` in the
+    family's form) and ``extra``; none when there are no images (a conversation without context frames)."""
+    if len(features) == 0:
+        return {}
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}, **extra}
 
 
 def _after_prefix(conversations: Conversations, prefix_ids: list[int]) -> Conversations:

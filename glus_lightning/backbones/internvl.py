@@ -12,11 +12,10 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
-from .base import MLLMBackbone, Past, pool_text
+from .base import MLLMBackbone, Past, image_inputs, pool_text
 from .conversation import Conversations, Part, chatml
 from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
@@ -65,7 +64,7 @@ class InternVLBackbone(MLLMBackbone):
     def last_hidden_state(self, conversations: Conversations, features: Tensor, past: Past | None = None) -> Tensor:
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
+            **image_inputs(features, features),
             **self.language_inputs(conversations, past),
         ).last_hidden_state
 

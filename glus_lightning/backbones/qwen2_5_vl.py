@@ -13,11 +13,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessor,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from glus_lightning.config import ConfigError
 
-from .base import MLLMBackbone, Past, pool_text
+from .base import MLLMBackbone, Past, image_inputs, pool_text
 from .conversation import Conversations, Part, chatml
 from .loading import tiny_section
 from .tiny_tokenizer import TinyTokens
@@ -80,8 +79,7 @@ class Qwen2_5_VLBackbone(MLLMBackbone):
             positions = self._rope_positions(conversations, grid_thw) + past.next_position
         return self.hf_model.model(
             input_ids=conversations.input_ids,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
-            image_grid_thw=grid_thw,
+            **image_inputs(features, list(features), image_grid_thw=grid_thw),
             mm_token_type_ids=self._image_token_types(conversations),
             position_ids=positions,
             **self.language_inputs(conversations, past),

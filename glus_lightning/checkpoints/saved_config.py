@@ -31,7 +31,11 @@ ADDED: dict[str, Any] = {
     "loss.contrastive_push": "after",
     "loss.contrastive_bank_sources": None,
     "inference.decoding": "windowed",
+    # 2026-12-04: the memory-bank ablation switch
+    "segmenter.memory.bank": True,
 }
+# keys added to data.synthetic (filled only where a run generated the synthetic dataset)
+ADDED_SYNTHETIC: dict[str, Any] = {"objects": [2, 4], "lookalike": 0.0}  # 2026-12-04: the generator's crowding
 
 
 def upgraded(saved: dict[str, Any] | DictConfig) -> DictConfig:
@@ -46,4 +50,8 @@ def upgraded(saved: dict[str, Any] | DictConfig) -> DictConfig:
     for key, value in ADDED.items():
         if OmegaConf.select(cfg, key, default=ABSENT) is ABSENT:
             OmegaConf.update(cfg, key, value, force_add=True)
+    synthetic = OmegaConf.select(cfg, "data.synthetic", default=None)
+    if synthetic is not None:
+        for key, value in ADDED_SYNTHETIC.items():
+            synthetic.setdefault(key, value)
     return OmegaConf.merge(OmegaConf.structured(GLUSConfig), cfg)

@@ -111,7 +111,7 @@ def predict_to_folder(module: GLUSModule, video: Video, texts: list[str], out: P
     overlay = None
     if cfg.inference.overlay != "none":  # from the written masks, frame by frame
         overlay = f"overlay.{cfg.inference.overlay}"
-        writer = OverlayWriter(out / overlay, cfg.inference.overlay_fps, cfg.inference.overlay_alpha)
+        writer = OverlayWriter(out / overlay, cfg.inference.overlay_fps, cfg.inference.overlay_alpha, [e.text for e in expressions])
         for t, name in enumerate(video.frame_names):
             writer.add([video.frames[t]], [read_mask(out / "masks" / e.exp_id / f"{name}.png")[None] for e in expressions])
         writer.close()

@@ -8,11 +8,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # distinct overlay colours, one per expression (cycled)
 PALETTE = np.array([(255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 32), (200, 80, 255), (0, 220, 220)], np.float32)
 OVERLAY_KINDS = ("gif", "mp4", "none")
+LEGEND_ROW = 16  # pixels per expression in an overlay's legend
+LEGIBLE_WIDTH = 320  # narrower images are enlarged (nearest neighbour, whole multiples) so their legend's text fits
 
 
 def write_masks(directory: Path, frame_names: list[str], masks: np.ndarray) -> None:
@@ -61,22 +63,44 @@ def overlay_frames(frames: list[np.ndarray], masks: list[np.ndarray], alpha: flo
     return out
 
 
+def with_legend(image: np.ndarray, labels: list[str]) -> np.ndarray:
+    """``image`` (uint8 ``[H, W, 3]``, tinted by ``overlay_frames``) enlarged to a legible width, over a legend that
+    names each mask's colour: the expression it segments, so that grounding shows at a glance."""
+    factor = -(-LEGIBLE_WIDTH // image.shape[1])
+    if factor > 1:
+        image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+    legend = Image.new("RGB", (image.shape[1], LEGEND_ROW * len(labels) + 4), (0, 0, 0))
+    draw = ImageDraw.Draw(legend)
+    font = ImageFont.load_default(size=LEGEND_ROW - 4)
+    for k, label in enumerate(labels):
+        top = 2 + k * LEGEND_ROW
+        colour = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+        draw.rectangle((4, top + 2, 4 + LEGEND_ROW - 5, top + LEGEND_ROW - 3), fill=colour)
+        draw.text((LEGEND_ROW + 4, top), label, fill=colour, font=font)
+    return np.concatenate([image, np.asarray(legend)], axis=0)
+
+
 class OverlayWriter:
     """An animated GIF (``.gif``) or an MP4 (``.mp4``, PyAV) of the masks over the frames, fed window by window.
 
-    An MP4 is encoded as the frames come, so it keeps nothing per frame; a GIF can only be saved whole, so it keeps
-    every tinted frame until ``close`` (choose ``inference.overlay=mp4`` or ``none`` for long videos)."""
+    With ``labels`` (one per mask, the expressions) every frame carries the legend of ``with_legend``. An MP4 is
+    encoded as the frames come, so it keeps nothing per frame; a GIF can only be saved whole, so it keeps every tinted
+    frame until ``close`` (choose ``inference.overlay=mp4`` or ``none`` for long videos)."""
 
-    def __init__(self, path: Path, fps: int, alpha: float) -> None:
+    def __init__(self, path: Path, fps: int, alpha: float, labels: list[str] | None = None) -> None:
         if path.suffix not in (".gif", ".mp4"):
             raise ValueError(f"{path}: overlays are .gif or .mp4")
-        self.path, self.fps, self.alpha = path, fps, alpha
+        self.path, self.fps, self.alpha, self.labels = path, fps, alpha, labels
         self.images: list[np.ndarray] = []
         self.container = self.stream = self.av = None
 
     def add(self, frames: list[np.ndarray], masks: list[np.ndarray]) -> None:
         """``frames`` of one window and each expression's masks ``(len(frames), H, W)`` of them."""
+        if self.labels is not None and len(self.labels) != len(masks):
+            raise ValueError(f"{self.path}: {len(masks)} masks for {len(self.labels)} legend labels")
         images = overlay_frames(frames, masks, self.alpha)
+        if self.labels is not None:
+            images = [with_legend(image, self.labels) for image in images]
         if self.path.suffix == ".gif":
             self.images.extend(images)
             return
@@ -104,8 +128,9 @@ class OverlayWriter:
             self.container = None
 
 
-def write_overlay(path: Path, frames: list[np.ndarray], masks: list[np.ndarray], fps: int, alpha: float) -> None:
+def write_overlay(path: Path, frames: list[np.ndarray], masks: list[np.ndarray], fps: int, alpha: float,
+                  labels: list[str] | None = None) -> None:
     """The whole video's overlay at once (``OverlayWriter``)."""
-    writer = OverlayWriter(path, fps, alpha)
+    writer = OverlayWriter(path, fps, alpha, labels)
     writer.add(frames, masks)
     writer.close()

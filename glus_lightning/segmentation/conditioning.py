@@ -31,6 +31,7 @@ class MemoryProtocol:
     eval_stride: int  # at eval: the previous frame, then every eval_stride-th frame further back
     gate_by_object_score: bool  # masks blanked where SAM2's object-score head says "absent"
     encoder_input: str  # memory encoder input: raw image features (SAM2) or memory-conditioned ones
+    bank: bool = True  # False: every frame is segmented as a track's first, never attending to memories (an ablation)
 
     def __post_init__(self) -> None:
         if self.eval_stride < 1:

@@ -163,8 +163,8 @@ class MemorySegmenter(nn.Module):
             )
         if frame_idx < 0:
             raise ValueError(f"frame_idx must be >= 0, got {frame_idx}")
-        if memory.is_empty:
-            pix_feat = self._condition(features, memory, frame_idx)
+        if memory.is_empty or not self.protocol.bank:  # no_mem_embed, as a track's first frame
+            pix_feat = self._condition(features, None, frame_idx)
         else:  # memory attention; its bank as of now (later pushes must not change a recomputation)
             pix_feat = self._memory_path(self._condition, features, memory.fork(), frame_idx)
         high_res = list(features.levels[:-1]) if self.sam.use_high_res_features_in_sam else None
@@ -309,7 +309,7 @@ def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
     m = cfg.memory
     sam.memory_temporal_stride_for_eval = m.eval_stride  # SAM2's own name for it, kept in agreement
     protocol = MemoryProtocol(m.conditioning_frame, m.object_pointers, m.temporal_encoding, m.eval_stride,
-                              m.gate_by_object_score, m.encoder_input)
+                              m.gate_by_object_score, m.encoder_input, m.bank)
     return MemorySegmenter(sam, m.backprop, protocol)
 
 

@@ -1,0 +1,52 @@
+"""What each GLUS component does on the built-in demo: one arm per component switched off, 3 seeds, scored per kind.
+
+Trained arms (``arms.py``; only the listed overrides differ from the demo):
+
+- ``glus``: the demo (C = 4 context frames, memory bank) with GLUS's object-contrastive loss, which the demo leaves
+  off: ``loss.contrastive_weight=0.1 data.expression_sampling=pairs`` (the reference's weight) under every arm;
+- ``no_context``: C = 0, no context frames: the MLLM sees only the window it segments (no global view);
+- ``no_memory``: every frame segmented on its own (``segmenter.memory.bank=false``): no memory attention;
+- ``no_contrastive``: ``loss.contrastive_weight=0`` (the same paired expression sampling);
+- ``shuffled``: every training expression replaced by one of another video (what is learnt without the text).
+
+Inference arms on each ``glus`` model: ``keyframes`` (self-refinement: the frame scorer fitted on training videos,
+each expression segmented from the frame it rates best, forward and backward) and ``oracle_keyframes`` (from the
+frame whose memoryless mask best matches the ground truth: the most a perfect scorer could give).
+
+Columns (``scoring.py``): J&F overall and per expression kind, and the confusion rate (of the frames where the mask
+clearly picks one object, the share where it picked another). Mean +- std over the seeds. Results are kept per
+(arm, seed) in ``--out``: a rerun resumes, and processes given different ``--arms`` or ``--seeds`` share the work.
+
+    python experiments/ablations.py [--seeds 0 1 2] [--arms glus no_memory ...] [--videos N] [key=value ...]
+    python experiments/ablations.py --table-only      # the table of what --out holds
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from arms import ARMS, UNTRAINED, print_table, run_seed
+
+DEFAULT_ARMS = [arm for arm in ARMS if arm != UNTRAINED]
+CONTRASTIVE = ["loss.contrastive_weight=0.1", "data.expression_sampling=pairs"]  # under every arm; the user's win
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=DEFAULT_ARMS, default=DEFAULT_ARMS)
+    parser.add_argument("--videos", type=int, default=None, help="score only the first N validation videos")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablations"), help="one JSON per (arm, seed)")
+    parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for seed in args.seeds:
+            run_seed(args.arms, seed, [*CONTRASTIVE, *args.overrides], args.out, args.videos)
+    print_table(args.out, DEFAULT_ARMS)
+
+
+if __name__ == "__main__":
+    main()

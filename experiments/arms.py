@@ -1,0 +1,139 @@
+"""The arms of the demo's experiments (``ablations.py``, ``demo_controls.py``): what each trains or switches off, and
+where its scores are kept.
+
+Each (arm, seed) trains the demo with ``seed`` and ``data.seed`` set (only the arm's overrides differ), then scores
+its last checkpoint on the synthetic validation split (``scoring.py``) and saves the scores to ``<out>/<arm>_s<seed>.json``
+as soon as it has them. An arm already there is skipped and a training that was interrupted resumes, so runs resume
+and several processes (different arms or seeds) can share the work.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from itertools import islice
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from scoring import COLUMNS, evaluate, mean_spread, model_masks
+
+from datamodules.batch import RefVOSBatch
+from datamodules.datamodule import resolve_shards
+from datamodules.records import Expression, VideoRecord
+from datamodules.targets import DenseTargets
+from glus_lightning import runner
+from glus_lightning.config import compose
+from glus_lightning.inference.predictor import load_module, video_batch
+from glus_lightning.inference.sources import record_video, shard_records
+from glus_lightning.keyframes.propagation import track_from_keyframes
+from glus_lightning.keyframes.refinement import collect_targets, fit_scorer, format_stats, keyframe_targets, training_videos
+from glus_lightning.masks import masks_from_logits
+from glus_lightning.module import GLUSModule
+
+
+class ShuffledExpressions(L.Callback):
+    """Replaces each training expression by a random one from a pool of earlier batches' other videos: the text then
+    carries no information about the target, so the model can only learn a prior such as "segment some shape"."""
+
+    def __init__(self, seed: int, pool_size: int = 256) -> None:
+        self.rng = random.Random(seed)
+        self.pool: list[tuple[str, str]] = []  # (video id, expression)
+        self.pool_size = pool_size
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: RefVOSBatch, batch_idx: int) -> None:
+        own = [(batch.video_ids[v], text) for v, text in zip(batch.expression_video.tolist(), batch.expressions)]
+        shuffled = []
+        for video, text in own:
+            others = [t for v, t in self.pool if v != video]
+            shuffled.append(self.rng.choice(others) if others else text)
+        self.pool = (self.pool + own)[-self.pool_size :]
+        batch.expressions = shuffled
+
+
+UNTRAINED = "untrained"  # the demo's model at initialisation (scored, never trained)
+TRAINED = {
+    "glus": [],
+    "no_context": ["data.num_context=0"],
+    "no_memory": ["segmenter.memory.bank=false"],
+    "no_contrastive": ["loss.contrastive_weight=0"],
+    "shuffled": [],  # + ShuffledExpressions
+}
+INFERRED = ("keyframes", "oracle_keyframes")  # from each glus model
+ARMS = (UNTRAINED, *TRAINED, *INFERRED)
+
+
+def oracle_keyframe_masks(module: GLUSModule):
+    """Masks tracked from each expression's best memoryless frame against the ground truth (an upper bound)."""
+    cfg = module.cfg
+
+    @torch.no_grad()
+    def masks_of(record: VideoRecord, expressions: list[Expression]) -> list[np.ndarray]:
+        video = record_video(record)
+        batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
+        evidence = module.frame_evidence(batch)
+        frames = range(record.num_frames)
+        truth = DenseTargets([torch.from_numpy(np.stack([record.expression_mask(x, i) for i in frames])) for x in expressions])
+        keyframes = keyframe_targets(evidence.mask_logits, truth, cfg.mask_threshold).argmax(1).tolist()
+        logits = track_from_keyframes(module.segmenter, evidence.features, evidence.prompts, keyframes).mask_logits
+        return [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]
+
+    return masks_of
+
+
+def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos: int | None) -> None:
+    """Train and score the arms of one seed that ``out`` does not hold yet."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    todo = [arm for arm in arms if not (out / f"{arm}_s{seed}.json").exists()]
+    models = [arm for arm in (UNTRAINED, *TRAINED) if arm in todo or (arm == "glus" and set(INFERRED) & set(todo))]
+    for arm in models:
+        arm_overrides = [*overrides, *TRAINED.get(arm, []), f"seed={seed}", f"data.seed={seed}", f"name=ablation_{arm}_s{seed}"]
+        marker = out / f"{arm}_s{seed}.checkpoint"  # written once the arm's training has finished
+        if arm == UNTRAINED:  # load_module seeds: the initialisation `glus fit` starts from
+            marker.write_text("")
+        elif not marker.exists():
+            interrupted = list(Path(compose(arm_overrides).run_dir, f"ablation_{arm}_s{seed}").glob("version_*/checkpoints/last.ckpt"))
+            resume = ["ckpt_path=last"] if interrupted else []
+            runner.fit(compose([*arm_overrides, *resume]), [ShuffledExpressions(seed)] if arm == "shuffled" else None)
+            marker.write_text(runner.resolve_checkpoint(compose([*arm_overrides, "ckpt_path=last"]))[0])
+        checkpoint = marker.read_text() or None
+        cfg = compose([*arm_overrides, f"ckpt_path={checkpoint or 'null'}"])
+        urls = sorted({url for entry in cfg.data.val for url in resolve_shards(cfg.data.root, entry.shards)})
+        records = list(islice(shard_records(urls), videos))
+        module = load_module(cfg, device)
+        scored = {arm: model_masks}
+        if arm == "glus":  # keyframes last: refinement fits the module's frame scorer and switches keyframes on
+            scored |= {"oracle_keyframes": oracle_keyframe_masks, "keyframes": refined_keyframe_masks}
+        for name, masks in scored.items():
+            if name in todo:
+                result = evaluate(masks(module), records)
+                (out / f"{name}_s{seed}.json").write_text(json.dumps({"arm": name, "seed": seed, "checkpoint": checkpoint, **result}))
+                print(f"{name} seed {seed}: " + "  ".join(f"{c} {result[c]:.4f}" for c in COLUMNS), flush=True)
+
+
+def refined_keyframe_masks(module: GLUSModule):
+    """The module's masks from refined keyframes (GLUS self-refinement): its frame scorer fitted on training videos
+    first, as ``glus refine-scores`` does."""
+    cfg = module.cfg
+    with torch.enable_grad():
+        stats = fit_scorer(module.frame_scorer, collect_targets(module, training_videos(cfg.data, cfg.refine.videos)),
+                           cfg.refine.steps, cfg.refine.lr)
+    print(format_stats(stats), flush=True)
+    module.cfg.inference.keyframes = True
+    return model_masks(module)
+
+
+def print_table(out: Path, arms: tuple[str, ...] | list[str] = ARMS) -> dict[str, list[dict]]:
+    """One row per arm: mean+-std over the seeds in ``out`` of every column; returns the results per arm."""
+    results: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*_s*.json")):
+        result = json.loads(path.read_text())
+        results.setdefault(result["arm"], []).append(result)
+    print(f"\n| arm | seeds | {' | '.join(COLUMNS)} |\n|---|---:|" + "---:|" * len(COLUMNS))
+    for arm in arms:
+        rows = results.get(arm, [])
+        if rows:
+            cells = [mean_spread([row[c] for row in rows]) for c in COLUMNS]
+            print(f"| {arm} | {len(rows)} | {' | '.join(cells)} |")
+    return results

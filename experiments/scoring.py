@@ -1,0 +1,84 @@
+"""How the experiments score a model on whole synthetic videos: J&F overall and per expression kind, and how often the
+mask lands on the wrong object.
+
+Over (expression, frame) pairs with a non-empty target:
+
+- wrong-object rate: the fraction where the predicted mask overlaps some other single object of the video (not in the
+  expression's object set) with a higher IoU than it has with the target, that IoU being > 0. Weak masks of the right
+  object count here too when they touch a neighbour;
+- confusion rate: among the frames where the mask clearly picks one object (IoU >= 0.5 with the target or with
+  another object), the fraction where it picked another object: the error the object-contrastive loss targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from datamodules.records import Expression, VideoRecord
+from datamodules.synthetic import KINDS, expression_kind
+from glus_lightning.inference.predictor import segment_video
+from glus_lightning.inference.sources import record_video
+from glus_lightning.metrics import JAndF
+from glus_lightning.module import GLUSModule
+
+PICKED = 0.5  # IoU at which a mask counts as clearly picking an object
+COLUMNS = ("J&F", *(f"J&F {kind}" for kind in KINDS), "wrong_object", "confusion")
+
+MaskFn = Callable[[VideoRecord, Sequence[Expression]], list[np.ndarray]]  # boolean (T, H, W) per expression
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def error_counts(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray) -> np.ndarray:
+    """[frames with a target, wrong-object frames, frames that clearly pick an object, of those: another object]."""
+    others = [o for o in record.object_ids if o not in obj_ids]
+    counts = np.zeros(4, dtype=np.int64)
+    for i in range(record.num_frames):
+        target = np.zeros_like(pred[i])
+        for o in obj_ids:
+            target |= record.object_mask(o, i).astype(bool)
+        if not target.any():
+            continue
+        on_target = iou(pred[i], target)
+        best_other = max((iou(pred[i], record.object_mask(o, i).astype(bool)) for o in others), default=0.0)
+        picked = max(on_target, best_other) >= PICKED
+        counts += (1, best_other > 0 and best_other > on_target, picked, picked and best_other > on_target)
+    return counts
+
+
+def model_masks(module: GLUSModule) -> MaskFn:
+    """The masks ``glus predict`` would write (the module's own inference settings)."""
+    return lambda record, expressions: segment_video(module, record_video(record), list(expressions))
+
+
+def evaluate(masks_of: MaskFn, records: Iterable[VideoRecord]) -> dict[str, float]:
+    """J, F, J&F overall and per expression kind, the wrong-object and the confusion rate of one set of masks."""
+    overall = JAndF()
+    per_kind = {kind: JAndF() for kind in KINDS}
+    counts = np.zeros(4, dtype=np.int64)
+    seen: set[str] = set()
+    for record in records:
+        for expression, pred in zip(record.expressions, masks_of(record, record.expressions), strict=True):
+            target = np.stack([record.expression_mask(expression, i) for i in range(record.num_frames)]).astype(bool)
+            key, kind = f"{record.key}/{expression.exp_id}", expression_kind(expression.text)
+            seen.add(kind)
+            for metric in (overall, per_kind[kind]):
+                metric.update(torch.from_numpy(pred), torch.from_numpy(target), key=key)
+            counts += error_counts(record, expression.obj_ids, pred)
+    scores = {k: float(v) for k, v in overall.compute().items() if k in ("J", "F", "J&F")}
+    for kind, metric in per_kind.items():
+        scores[f"J&F {kind}"] = float(metric.compute()["J&F"]) if kind in seen else float("nan")
+    frames, wrong, picked, confused = counts.tolist()
+    return {**scores, "wrong_object": wrong / max(frames, 1), "confusion": confused / max(picked, 1)}
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """``mean+-std`` over seeds (population std, as numpy's default)."""
+    array = np.asarray(values, dtype=np.float64)
+    return f"{np.nanmean(array):.3f}+-{np.nanstd(array):.3f}"
