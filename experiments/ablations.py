@@ -23,29 +23,14 @@ clearly picks one object, the share where it picked another). Mean +- std over t
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from arms import ARMS, UNTRAINED, print_table, run_seed
+from arms import ARMS, UNTRAINED, run_cli
 
 DEFAULT_ARMS = [arm for arm in ARMS if arm != UNTRAINED]
 CONTRASTIVE = ["loss.contrastive_weight=0.1", "data.expression_sampling=pairs"]  # under every arm; the user's win
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=DEFAULT_ARMS, default=DEFAULT_ARMS)
-    parser.add_argument("--videos", type=int, default=None, help="score only the first N validation videos")
-    parser.add_argument("--out", type=Path, default=Path("runs/ablations"), help="one JSON per (arm, seed)")
-    parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
-        for seed in args.seeds:
-            run_seed(args.arms, seed, [*CONTRASTIVE, *args.overrides], args.out, args.videos)
-    print_table(args.out, DEFAULT_ARMS)
+    run_cli(__doc__, DEFAULT_ARMS, "runs/ablations", CONTRASTIVE)
 
 
 if __name__ == "__main__":

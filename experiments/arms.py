@@ -9,6 +9,7 @@ and several processes (different arms or seeds) can share the work.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from itertools import islice
@@ -93,7 +94,8 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
         if arm == UNTRAINED:  # load_module seeds: the initialisation `glus fit` starts from
             marker.write_text("")
         elif not marker.exists():
-            interrupted = list(Path(compose(arm_overrides).run_dir, f"ablation_{arm}_s{seed}").glob("version_*/checkpoints/last.ckpt"))
+            planned = compose(arm_overrides)
+            interrupted = list(Path(planned.run_dir, planned.name).glob("version_*/checkpoints/last.ckpt"))
             resume = ["ckpt_path=last"] if interrupted else []
             runner.fit(compose([*arm_overrides, *resume]), [ShuffledExpressions(seed)] if arm == "shuffled" else None)
             marker.write_text(runner.resolve_checkpoint(compose([*arm_overrides, "ckpt_path=last"]))[0])
@@ -137,3 +139,21 @@ def print_table(out: Path, arms: tuple[str, ...] | list[str] = ARMS) -> dict[str
             cells = [mean_spread([row[c] for row in rows]) for c in COLUMNS]
             print(f"| {arm} | {len(rows)} | {' | '.join(cells)} |")
     return results
+
+
+def run_cli(doc: str, choices: list[str], out: str, base: list[str] | None = None) -> dict[str, list[dict]]:
+    """The experiments' shared command line: run the chosen arms for each seed (``base`` overrides first, the user's
+    win), print the table of what ``--out`` holds and return it per arm."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=choices, default=choices)
+    parser.add_argument("--videos", type=int, default=None, help="score only the first N validation videos")
+    parser.add_argument("--out", type=Path, default=Path(out), help="one JSON per (arm, seed)")
+    parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for seed in args.seeds:
+            run_seed(args.arms, seed, [*(base or []), *args.overrides], args.out, args.videos)
+    return print_table(args.out, choices)

@@ -13,29 +13,14 @@ Prints J&F per expression kind, the confusion rate and the trained - shuffled ga
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from arms import UNTRAINED, print_table, run_seed
+from arms import UNTRAINED, run_cli
 from scoring import mean_spread
 
 CONTROLS = [UNTRAINED, "glus", "shuffled"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=CONTROLS, default=CONTROLS)
-    parser.add_argument("--videos", type=int, default=None, help="score only the first N validation videos")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo_controls"), help="one JSON per (arm, seed)")
-    parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
-        for seed in args.seeds:
-            run_seed(args.arms, seed, args.overrides, args.out, args.videos)
-    results = print_table(args.out, CONTROLS)
+    results = run_cli(__doc__, CONTROLS, "runs/demo_controls")
     trained = {r["seed"]: r["J&F"] for r in results.get("glus", [])}
     shuffled = {r["seed"]: r["J&F"] for r in results.get("shuffled", [])}
     gaps = [trained[s] - shuffled[s] for s in sorted(trained.keys() & shuffled.keys())]
