@@ -9,7 +9,9 @@ Trained arms (``arms.py``; only the listed overrides differ from the demo):
 - ``no_contrastive``: ``loss.contrastive_weight=0`` (the same paired expression sampling);
 - ``shuffled``: every training expression replaced by one of another video (what is learnt without the text).
 
-Inference arms on each ``glus`` model: ``keyframes`` (self-refinement: the frame scorer fitted on training videos,
+Inference arms on each ``glus`` model: ``swapped_text`` (each expression asked with the text of another expression of
+its video that names other objects, scored against its own target: equal to ``glus`` when the masks ignore the
+sentence), ``keyframes`` (self-refinement: the frame scorer fitted on training videos,
 each expression segmented from the frame it rates best, forward and backward) and ``oracle_keyframes`` (from the
 frame whose memoryless mask best matches the ground truth: the most a perfect scorer could give).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from scoring import COLUMNS, evaluate, mean_spread, model_masks
+from scoring import COLUMNS, evaluate, mean_spread, model_masks, swapped_text
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import resolve_shards
@@ -61,7 +61,7 @@ TRAINED = {
     "no_contrastive": ["loss.contrastive_weight=0"],
     "shuffled": [],  # + ShuffledExpressions
 }
-INFERRED = ("keyframes", "oracle_keyframes")  # from each glus model
+INFERRED = ("swapped_text", "keyframes", "oracle_keyframes")  # from each glus model
 ARMS = (UNTRAINED, *TRAINED, *INFERRED)
 
 
@@ -106,7 +106,8 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
         module = load_module(cfg, device)
         scored = {arm: model_masks}
         if arm == "glus":  # keyframes last: refinement fits the module's frame scorer and switches keyframes on
-            scored |= {"oracle_keyframes": oracle_keyframe_masks, "keyframes": refined_keyframe_masks}
+            scored |= {"swapped_text": lambda m: swapped_text(model_masks(m)), "oracle_keyframes": oracle_keyframe_masks,
+                       "keyframes": refined_keyframe_masks}
         for name, masks in scored.items():
             if name in todo:
                 result = evaluate(masks(module), records)

@@ -3,9 +3,13 @@
 1. ``untrained``: the model at initialisation;
 2. ``glus``: the model after the default run (`glus fit`, with ``seed`` and ``data.seed`` set);
 3. ``shuffled``: a control trained the same way but with every expression replaced by one from another, earlier
-   video, so the text carries no information about the target: it can only learn a prior such as "segment some shape".
+   video, so the text carries no information about the target: it can only learn a prior such as "segment some shape";
+4. ``swapped_text``: the trained model asked each expression with the text of another expression of its video that
+   names other objects, scored against the asked one's target (``scoring.swapped_text``): no second training, and
+   equal to ``glus`` when the masks ignore the sentence.
 
-Prints J&F per expression kind, the confusion rate and the trained - shuffled gap (mean +- std over seeds). Each
+Prints J&F per expression kind, the confusion rate and the trained - shuffled and trained - swapped gaps (mean +- std
+over seeds). Each
 (arm, seed) is kept in ``--out`` as it finishes (``arms.py``): a rerun resumes.
 
     python experiments/demo_controls.py [--seeds 0 1 2] [key=value ...]      # the same overrides as `glus fit`
@@ -16,17 +20,19 @@ from __future__ import annotations
 from arms import UNTRAINED, run_cli
 from scoring import mean_spread
 
-CONTROLS = [UNTRAINED, "glus", "shuffled"]
+CONTROLS = [UNTRAINED, "glus", "shuffled", "swapped_text"]
 
 
 def main() -> None:
     results = run_cli(__doc__, CONTROLS, "runs/demo_controls")
     trained = {r["seed"]: r["J&F"] for r in results.get("glus", [])}
-    shuffled = {r["seed"]: r["J&F"] for r in results.get("shuffled", [])}
-    gaps = [trained[s] - shuffled[s] for s in sorted(trained.keys() & shuffled.keys())]
-    if gaps:
-        print(f"\ntrained - shuffled J&F over {len(gaps)} seeds: {mean_spread(gaps)} (per seed: "
-              + ", ".join(f"{g:+.3f}" for g in gaps) + ")")
+    print()
+    for control in ("shuffled", "swapped_text"):
+        other = {r["seed"]: r["J&F"] for r in results.get(control, [])}
+        gaps = [trained[s] - other[s] for s in sorted(trained.keys() & other.keys())]
+        if gaps:
+            print(f"trained - {control} J&F over {len(gaps)} seeds: {mean_spread(gaps)} (per seed: "
+                  + ", ".join(f"{g:+.3f}" for g in gaps) + ")")
 
 
 if __name__ == "__main__":

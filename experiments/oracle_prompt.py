@@ -6,7 +6,12 @@ oracle token: the sum of learned embeddings of the object's colour, shape and si
 well above what "segment every object" reaches (about 1 / objects per video) means the segmenter can ground a token;
 an IoU stuck there means the demo's grounding fails in SAM2 before any text is involved.
 
-    python experiments/oracle_prompt.py [--steps 1500] [--batch 8] [--objects 3 5] [--lookalike 0.7] [--save sam.pt] [key=value ...]
+The tokens start as ``nn.Embedding``'s N(0, 1) rows, so an object's token has a norm near SAM2's own output tokens
+(about 8 at the test size; the sum of three: about 14); ``--token-scale 0.15`` starts them at the norm the demo's
+``[SEG]`` projection gives its prompts (about 2), to see whether the decoder learns from prompts that small.
+
+    python experiments/oracle_prompt.py [--steps 1500] [--batch 8] [--objects 3 5] [--lookalike 0.7] [--lr 1e-3]
+                                        [--token-scale 1.0] [--save sam.pt] [key=value ...]
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ def main() -> None:
     parser.add_argument("--objects", type=int, nargs=2, default=[3, 5])
     parser.add_argument("--lookalike", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--prompts", choices=["attributes", "words"], default="attributes",
+                        help="attributes: one named object's colour + shape + size tokens; words: the sum of learned "
+                             "embeddings of the words of one of the video's expressions (a bag-of-words text encoder; "
+                             "motion words cannot be told from one frame)")
+    parser.add_argument("--token-scale", type=float, default=1.0, help="initial token size, times N(0, 1)")
     parser.add_argument("--save", help="write the trained SAM2 as an official {'model': state_dict} checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args()
@@ -44,26 +54,36 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     segmenter = build_segmenter(cfg.segmenter).train()
     tokens = torch.nn.ModuleDict({k: torch.nn.Embedding(len(v), segmenter.prompt_dim) for k, v in ATTRIBUTES.items()})
-    trained = [p for p in segmenter.parameters() if p.requires_grad] + list(tokens.parameters())
-    optimizer = torch.optim.AdamW(trained, lr=args.lr)
     syn = cfg.data.synthetic
     videos = [generate_video(syn.seed, "train", i, syn.frames, syn.size, tuple(args.objects), args.lookalike) for i in range(args.videos)]
+    vocabulary = sorted({w for v in videos for e in v.record.expressions for w in e.text.split()})
+    tokens["words"] = torch.nn.Embedding(len(vocabulary), segmenter.prompt_dim)
+    with torch.no_grad():
+        for table in tokens.values():
+            table.weight.mul_(args.token_scale)
+    trained = [p for p in segmenter.parameters() if p.requires_grad] + list(tokens.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=args.lr)
     rng = random.Random(cfg.seed)
     size = segmenter.image_size
     start, recent = time.monotonic(), []
     for step in range(args.steps):
-        frames, masks, ids = [], [], []
+        frames, masks, prompts = [], [], []
         for _ in range(args.batch):
             video, t = rng.choice(videos), rng.randrange(syn.frames)
-            obj = rng.choice(video.objects)
             with Image.open(io.BytesIO(video.record.frames[t])) as image:
                 frames.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
-            masks.append(torch.from_numpy(video.record.object_mask(obj.obj_id, t).astype(np.float32)))
-            ids.append([ATTRIBUTES[k].index(getattr(obj, k)) for k in ATTRIBUTES])
+            if args.prompts == "words":
+                expression = rng.choice(video.record.expressions)
+                mask = video.record.expression_mask(expression, t)
+                prompts.append(tokens["words"](torch.tensor([vocabulary.index(w) for w in expression.text.split()])).sum(0))
+            else:
+                obj = rng.choice(video.objects)
+                mask = video.record.object_mask(obj.obj_id, t)
+                prompts.append(sum(tokens[k](torch.tensor(ATTRIBUTES[k].index(getattr(obj, k)))) for k in ATTRIBUTES))
+            masks.append(torch.from_numpy(mask.astype(np.float32)))
         pixels = F.interpolate(torch.stack(frames).float(), size=(size, size), mode="bilinear").round().clamp(0, 255)
         target = torch.stack(masks)
-        index = torch.tensor(ids)
-        prompts = sum(tokens[k](index[:, i]) for i, k in enumerate(ATTRIBUTES))
+        prompts = torch.stack(prompts)
         out = segmenter.segment_without_memory(segmenter.encode_frames(pixels.to(torch.uint8)), prompts)
         logits = F.interpolate(out.mask_logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         loss = F.binary_cross_entropy_with_logits(logits, target) + mask_dice(logits, target).mean()

@@ -13,6 +13,7 @@ Over (expression, frame) pairs with a non-empty target:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -55,6 +56,22 @@ def error_counts(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray
 def model_masks(module: GLUSModule) -> MaskFn:
     """The masks ``glus predict`` would write (the module's own inference settings)."""
     return lambda record, expressions: segment_video(module, record_video(record), list(expressions))
+
+
+def swapped_text(masks_of: MaskFn) -> MaskFn:
+    """``masks_of`` asked, for each expression, with the text of the video's next expression that names other
+    objects (itself where none does), and scored against the asked expression's target: masks that follow the
+    sentence lose J&F, masks that ignore it do not. A grounding check that needs no second training."""
+
+    def swapped(record: VideoRecord, expressions: Sequence[Expression]) -> list[np.ndarray]:
+        n = len(expressions)
+        texts = []
+        for i, expression in enumerate(expressions):
+            others = (expressions[(i + k) % n] for k in range(1, n))
+            texts.append(next((e.text for e in others if set(e.obj_ids) != set(expression.obj_ids)), expression.text))
+        return masks_of(record, [replace(e, text=t) for e, t in zip(expressions, texts, strict=True)])
+
+    return swapped
 
 
 def evaluate(masks_of: MaskFn, records: Iterable[VideoRecord]) -> dict[str, float]:
