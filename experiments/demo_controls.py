@@ -9,8 +9,7 @@
    equal to ``glus`` when the masks ignore the sentence.
 
 Prints J&F per expression kind, the confusion rate and the trained - shuffled and trained - swapped gaps (mean +- std
-over seeds). Each
-(arm, seed) is kept in ``--out`` as it finishes (``arms.py``): a rerun resumes.
+over seeds). Each (arm, seed) is kept in ``--out`` as it finishes (``arms.py``): a rerun resumes.
 
     python experiments/demo_controls.py [--seeds 0 1 2] [key=value ...]      # the same overrides as `glus fit`
 """

@@ -56,8 +56,10 @@ def main() -> None:
     tokens = torch.nn.ModuleDict({k: torch.nn.Embedding(len(v), segmenter.prompt_dim) for k, v in ATTRIBUTES.items()})
     syn = cfg.data.synthetic
     videos = [generate_video(syn.seed, "train", i, syn.frames, syn.size, tuple(args.objects), args.lookalike) for i in range(args.videos)]
-    vocabulary = sorted({w for v in videos for e in v.record.expressions for w in e.text.split()})
-    tokens["words"] = torch.nn.Embedding(len(vocabulary), segmenter.prompt_dim)
+    if args.prompts == "words":  # after the attribute tables, so that their initialisation is the same either way
+        vocabulary = sorted({w for v in videos for e in v.record.expressions for w in e.text.split()})
+        word_ids = {w: i for i, w in enumerate(vocabulary)}
+        tokens["words"] = torch.nn.Embedding(len(vocabulary), segmenter.prompt_dim)
     with torch.no_grad():
         for table in tokens.values():
             table.weight.mul_(args.token_scale)
@@ -75,7 +77,7 @@ def main() -> None:
             if args.prompts == "words":
                 expression = rng.choice(video.record.expressions)
                 mask = video.record.expression_mask(expression, t)
-                prompts.append(tokens["words"](torch.tensor([vocabulary.index(w) for w in expression.text.split()])).sum(0))
+                prompts.append(tokens["words"](torch.tensor([word_ids[w] for w in expression.text.split()])).sum(0))
             else:
                 obj = rng.choice(video.objects)
                 mask = video.record.object_mask(obj.obj_id, t)

@@ -49,9 +49,8 @@ def test_swapped_text_asks_another_objects_sentence_and_only_grounded_masks_lose
             else:
                 assert text == expression.text
 
-    grounded = ground_truth_by_text
-    normal = [scoring.evaluate(grounded(r), [r])["J&F"] for r in records]
-    swapped = [scoring.evaluate(scoring.swapped_text(grounded(r)), [r])["J&F"] for r in records]
+    normal = [scoring.evaluate(ground_truth_by_text(r), [r])["J&F"] for r in records]
+    swapped = [scoring.evaluate(scoring.swapped_text(ground_truth_by_text(r)), [r])["J&F"] for r in records]
     assert np.allclose(normal, 1.0)
     assert max(swapped) < 0.9  # another object's mask: every video here has two object sets or more
     ignoring = scoring.evaluate(every_object, records)
