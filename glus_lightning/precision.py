@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -19,6 +21,7 @@ from glus_lightning.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINABLE_DTYPE = torch.float32
+MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision -> autocast dtype
 HALF_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true")
 QLORA_STRATEGIES = ("auto", "ddp")  # each rank holds its own 4-bit copy; FSDP cannot shard bitsandbytes' packed weights
 
@@ -69,11 +72,13 @@ def fsdp_mixed_precision(precision: str) -> tuple[torch.dtype, torch.dtype] | No
     anyway) and gradients reduced in fp32 (no precision lost summing over many ranks); the sharded fp32 trainable
     parameters stay the optimiser's master weights.
     """
-    if precision == "bf16-mixed":
-        return torch.bfloat16, torch.float32
-    if precision == "16-mixed":
-        return torch.float16, torch.float32
-    return None
+    return (MIXED[precision], torch.float32) if precision in MIXED else None
+
+
+def compute_precision(precision: str, device: torch.device) -> AbstractContextManager:
+    """The autocast a Trainer's ``trainer.precision`` enters around every step, for inference outside a Trainer
+    (``glus predict``, the experiments): without it the frozen bf16 weights meet the fp32 trained ones' outputs."""
+    return torch.autocast(device.type, dtype=MIXED[precision]) if precision in MIXED else nullcontext()
 
 
 def layer_norms_follow_weights_on_cpu(module: nn.Module) -> None:

@@ -384,3 +384,16 @@ def test_a_prefix_cache_is_shared_by_the_conversations_not_copied_and_never_grow
     torch.testing.assert_close(joined_k, torch.cat([keys.expand(3, -1, -1, -1), new_k], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(joined_v[:, :, 5:], new_v, rtol=0, atol=0)
     assert past.cache.get_seq_length() == 5 and layer.keys.shape[2] == 5  # nothing appended
+
+
+def test_bf16_weights_predict_as_the_trainer_computes(data_root: Path, checkpoint: Path, module) -> None:
+    """Outside a Trainer, inference enters the autocast of ``trainer.precision``: bf16 frozen weights next to fp32
+    trained ones (the demo's vision tower) raised a dtype error without it; the masks match the fp32 model's."""
+    half = load_module(compose(tiny_config(data_root, f"ckpt_path={checkpoint}", "backbone.dtype=bfloat16",
+                                           "segmenter.dtype=bfloat16", "trainer.precision=bf16-mixed")))
+    video = next(read_input(val_urls(module.cfg)[0]))
+    full, bf16 = (segment_video(m, video, video.expressions) for m in (module, half))
+    for a, b in zip(full, bf16, strict=True):
+        assert a.any() and not a.all()
+        assert (a == b).mean() > 0.98
+    assert not torch.is_autocast_enabled("cpu")  # the caller's code between chunks runs as it was

@@ -18,6 +18,7 @@ from glus_lightning.checkpoints.checkpoint_io import load_checkpoint
 from glus_lightning.inference.sources import Video
 from glus_lightning.masks import masks_from_logits
 from glus_lightning.module import GLUSModule
+from glus_lightning.precision import compute_precision
 
 
 def load_module(cfg: DictConfig, device: torch.device | str = "cpu") -> GLUSModule:
@@ -69,7 +70,13 @@ def stream_masks(module: GLUSModule, video: Video, expressions: list[Expression]
     frames are through the MLLM."""
     cfg = module.cfg
     batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
-    for rows, frames, logits in module.stream_video(batch, progress):
+    chunks = module.stream_video(batch, progress)
+    while True:
+        with compute_precision(cfg.trainer.precision, module.device):  # each chunk's compute, not the caller's code
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        rows, frames, logits = chunk
         for row, where, lg in zip(rows.tolist(), frames, logits, strict=True):
             valid = where >= 0
             if valid.any():
