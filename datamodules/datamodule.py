@@ -71,7 +71,7 @@ from datamodules.sampling import (
     plan_train,
 )
 from datamodules.shards import MANIFEST, Manifest, check_shard_format
-from datamodules.synthetic import LOOKALIKE, OBJECTS, SPLIT_STREAMS
+from datamodules.synthetic import LOOKALIKE, NAMING, OBJECTS, SPLIT_STREAMS, TWINS
 from datamodules.targets import Targets
 from glus_lightning.config import ConfigError, DataConfig
 
@@ -347,11 +347,12 @@ class RefVOSDataModule(LightningDataModule):
             return
         syn = cfg.synthetic
         if all(_matches_any(cfg.root, entry.shards) for entry in [*cfg.train, *cfg.val]):
-            _check_synthetic(Path(cfg.root), {"objects": list(syn.objects), "lookalike": syn.lookalike})
+            _check_synthetic(Path(cfg.root), {"objects": list(syn.objects), "lookalike": syn.lookalike, "twins": syn.twins,
+                                              "naming": syn.naming})
             return
         log.info("generating the synthetic dataset under %s", cfg.root)
         prepare_synthetic(Path(cfg.root), seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, frames=syn.frames, size=syn.size,
-                          objects=tuple(syn.objects), lookalike=syn.lookalike)
+                          objects=tuple(syn.objects), lookalike=syn.lookalike, twins=syn.twins, naming=syn.naming)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -399,7 +400,7 @@ class RefVOSDataModule(LightningDataModule):
 
 def _check_synthetic(root: Path, wanted: dict) -> None:
     """Raise ConfigError when the synthetic shards under ``root`` show other scenes than ``data.synthetic`` asks for
-    (``wanted``: objects, lookalike), rather than silently training on data the config does not describe. Counts, sizes
+    (``wanted``: objects, lookalike, twins, naming), rather than silently training on data the config does not describe. Counts, sizes
     and seed may differ: shards prepared by ``glus prepare synthetic`` with their own are used as they are."""
     for split in SPLIT_STREAMS:
         if not (root / split / MANIFEST).is_file():
@@ -407,7 +408,8 @@ def _check_synthetic(root: Path, wanted: dict) -> None:
         converter = Manifest.load(root / split).converter
         if converter is None or "options" not in converter:  # written before manifests recorded how: nothing to compare
             continue
-        made = {"objects": list(OBJECTS), "lookalike": LOOKALIKE, **converter["options"]}  # before these options: defaults
+        made = {"objects": list(OBJECTS), "lookalike": LOOKALIKE, "twins": TWINS, "naming": NAMING,  # before these options
+                **converter["options"]}
         differ = {key: made.get(key) for key, value in wanted.items() if made.get(key) != value}
         if differ:
             raise ConfigError(

@@ -4,8 +4,8 @@ Why it exists: a real referring-video task small enough to train on a CPU, that 
 GLUS is built for. Each video shows 2-4 shapes (colour, shape, size) that move up/down/left/right,
 stay still, or stop half-way. Expressions are of four kinds: appearance ("the red circle"), position
 ("the square on the left"), motion ("the triangle moving up", "the shape that stops") and
-multi-object ("the two red shapes", "both circles", "all the squares"). Half of the videos hold a
-pair of identical twins whose paths cross, so that only their motion tells them apart ("the red
+multi-object ("the two red shapes", "both circles", "all the squares"). Some videos (half by default,
+``twins``) hold a pair of identical twins whose paths cross, so that only their motion tells them apart ("the red
 circle moving up"): no single frame and no position does, which makes whole-video reasoning matter.
 
 Meaning of the words, as ``referents`` checks them against the generated scene:
@@ -18,6 +18,9 @@ Meaning of the words, as ``referents`` checks them against the generated scene:
   *every* frame; "in the middle": every other one is clearly left or right of it, at least one
   on each side, in every frame.
 - "the" + singular: exactly one object; "the two" / "both": exactly two; "all the": three or more.
+
+An object is named by the fewest words that pick it, or (``naming="colour"``) by the fewest among those that
+name its colour, when any does.
 
 Every expression is kept only if ``referents`` gives exactly its objects (unambiguous by
 construction and by check). Masks are the visible pixels after drawing in z-order, so they are
@@ -50,7 +53,9 @@ RADII = {"small": 0.07, "big": 0.12}  # fraction of the frame size
 DIRECTIONS = {"up": (0.0, -1.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "right": (1.0, 0.0)}
 TRAVEL = (0.3, 0.45)  # distance moved, fraction of the frame size
 POSITION_MARGIN = 0.1  # fraction of the frame size that makes "on the left" clear
-TWIN_PROBABILITY = 0.5
+TWINS = 0.5  # chance that a video holds a pair of twins (data.synthetic.twins)
+NAMING = "shortest"  # which valid description names an object (data.synthetic.naming, NAMINGS)
+NAMINGS = ("shortest", "colour")
 OBJECTS = (2, 4)  # objects per video, inclusive (data.synthetic.objects)
 LOOKALIKE = 0.0  # chance that a further object copies an earlier one's looks but for one attribute (data.synthetic.lookalike)
 EXTENT = 1.2  # half-extent of any shape in radii (the triangle's circumradius), keeps shapes inside the frame
@@ -304,8 +309,11 @@ def _subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
     return [c for n in range(len(names) + 1) for c in itertools.combinations(names, n)]
 
 
-def _shortest(rng: np.random.Generator, candidates: list[Description]) -> Description:
-    """A random one among the candidates that use the fewest words."""
+def _shortest(rng: np.random.Generator, candidates: list[Description], naming: str = NAMING) -> Description:
+    """A random one among the candidates that use the fewest words; with ``naming="colour"``, among those that name
+    the object's colour when any does ("the red circle" over "the circle": most referring sentences name the colour)."""
+    if naming == "colour":
+        candidates = [c for c in candidates if c.colour] or candidates
     lengths = [len(c.text.split()) for c in candidates]
     best = [c for c, n in zip(candidates, lengths) if n == min(lengths)]
     return best[int(rng.integers(len(best)))]
@@ -348,7 +356,9 @@ def _multi_options(objects: Sequence[SceneObject], size: int) -> dict[frozenset[
     return groups
 
 
-def _expressions(rng: np.random.Generator, objects: Sequence[SceneObject], size: int) -> list[tuple[Description, frozenset[int]]]:
+def _expressions(
+    rng: np.random.Generator, objects: Sequence[SceneObject], size: int, naming: str = NAMING
+) -> list[tuple[Description, frozenset[int]]]:
     """One singular expression per object that has one (kind drawn at random), one multi-object, one positional."""
     chosen: list[tuple[Description, frozenset[int]]] = []
     positional: list[tuple[Description, frozenset[int]]] = []
@@ -358,14 +368,14 @@ def _expressions(rng: np.random.Generator, objects: Sequence[SceneObject], size:
         if not available:
             continue
         kind = available[int(rng.integers(len(available)))]
-        chosen.append((_shortest(rng, options[kind]), frozenset([obj.obj_id])))
+        chosen.append((_shortest(rng, options[kind], naming), frozenset([obj.obj_id])))
         if kind != "position" and options.get("position"):
-            positional.append((_shortest(rng, options["position"]), frozenset([obj.obj_id])))
+            positional.append((_shortest(rng, options["position"], naming), frozenset([obj.obj_id])))
     groups = _multi_options(objects, size)
     if groups:
         partial = [g for g in groups if len(g) < len(objects)] or list(groups)
         group = partial[int(rng.integers(len(partial)))]
-        chosen.append((_shortest(rng, groups[group]), group))
+        chosen.append((_shortest(rng, groups[group], naming), group))
     if positional:
         chosen.append(positional[int(rng.integers(len(positional)))])
     unique: dict[str, tuple[Description, frozenset[int]]] = {}
@@ -380,12 +390,13 @@ def _expressions(rng: np.random.Generator, objects: Sequence[SceneObject], size:
 
 
 def _scene(
-    rng: np.random.Generator, frames: int, size: int, objects_range: tuple[int, int], lookalike: float, tries: int = 200
+    rng: np.random.Generator, frames: int, size: int, objects_range: tuple[int, int], lookalike: float, twins: float,
+    naming: str, tries: int = 200,
 ) -> tuple[list[SceneObject], np.ndarray, list[tuple[Description, frozenset[int]]]]:
     """Objects, their label maps and expressions of a scene that shows every object and says at least two things."""
     for _ in range(tries):
         count = int(rng.integers(objects_range[0], objects_range[1] + 1))
-        objects = _twins(rng, frames, size) if rng.random() < TWIN_PROBABILITY else []
+        objects = _twins(rng, frames, size) if rng.random() < twins else []
         while len(objects) < count:  # identical looks only for twins, so any two lookalikes differ only in motion
             copied = lookalike > 0 and objects and rng.random() < lookalike  # no draw at 0: the same videos as before
             looks = _lookalike_looks(rng, objects) if copied else _random_looks(rng)
@@ -395,16 +406,17 @@ def _scene(
         labels, areas = _rasterise(objects, frames, size)
         if not _visible_enough(objects, labels, areas):
             continue
-        expressions = _expressions(rng, objects, size)
+        expressions = _expressions(rng, objects, size, naming)
         if len(expressions) >= 2:
             return objects, labels, expressions
     raise RuntimeError(f"no acceptable scene in {tries} tries (frames={frames}, size={size})")
 
 
 def generate_video(seed: int, split: str, index: int, frames: int, size: int, objects: tuple[int, int] = OBJECTS,
-                   lookalike: float = LOOKALIKE) -> SyntheticVideo:
+                   lookalike: float = LOOKALIKE, twins: float = TWINS, naming: str = NAMING) -> SyntheticVideo:
     """Video ``index`` of ``split`` ("train" or "val"), fully determined by the arguments; ``objects`` (min, max) per
-    video, ``lookalike``: the chance that each object after the first copies an earlier one's looks but one attribute."""
+    video, ``lookalike``: the chance that each object after the first copies an earlier one's looks but one attribute,
+    ``twins``: the chance of a pair of twins, ``naming``: which valid description names an object (``NAMINGS``)."""
     if split not in SPLIT_STREAMS:
         raise ValueError(f"split {split!r} is not a synthetic split; valid: {', '.join(SPLIT_STREAMS)}")
     if frames < 4:
@@ -413,8 +425,10 @@ def generate_video(seed: int, split: str, index: int, frames: int, size: int, ob
         raise ValueError(f"size={size}: synthetic frames need at least 32 pixels")
     if not 1 <= objects[0] <= objects[1] or not 0 <= lookalike <= 1:
         raise ValueError(f"objects={tuple(objects)} must be (min, max) with 1 <= min <= max, lookalike={lookalike} in [0, 1]")
+    if not 0 <= twins <= 1 or naming not in NAMINGS:
+        raise ValueError(f"twins={twins} must be in [0, 1] and naming={naming!r} one of {', '.join(NAMINGS)}")
     rng = np.random.default_rng((seed, SPLIT_STREAMS[split], index))
-    scene, labels, expressions = _scene(rng, frames, size, (int(objects[0]), int(objects[1])), lookalike)
+    scene, labels, expressions = _scene(rng, frames, size, (int(objects[0]), int(objects[1])), lookalike, twins, naming)
     red, green, blue = (int(c) for c in rng.integers(20, 80, size=3))
     background = (red, green, blue)
     palette = np.array([background] + [COLOURS[o.colour] for o in scene], dtype=np.int16)
@@ -438,10 +452,10 @@ def generate_video(seed: int, split: str, index: int, frames: int, size: int, ob
 
 
 def synthetic_records(seed: int, split: str, count: int, frames: int, size: int, objects: tuple[int, int] = OBJECTS,
-                      lookalike: float = LOOKALIKE) -> Iterator[VideoRecord]:
+                      lookalike: float = LOOKALIKE, twins: float = TWINS, naming: str = NAMING) -> Iterator[VideoRecord]:
     """The ``count`` videos of one split, in order."""
     for index in range(count):
-        yield generate_video(seed, split, index, frames, size, objects, lookalike).record
+        yield generate_video(seed, split, index, frames, size, objects, lookalike, twins, naming).record
 
 
 def write_mevis_layout(records: Iterable[VideoRecord], root: str | Path, split: str) -> Path:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from arms import ARMS, UNTRAINED, run_cli
 
-DEFAULT_ARMS = [arm for arm in ARMS if arm != UNTRAINED]
+DEFAULT_ARMS = [arm for arm in ARMS if arm not in (UNTRAINED, "bag_of_words")]  # the latter: demo_controls.py
 CONTRASTIVE = ["loss.contrastive_weight=0.1", "data.expression_sampling=pairs"]  # under every arm; the user's win
 
 

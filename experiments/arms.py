@@ -14,6 +14,7 @@ import json
 import random
 from itertools import islice
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -23,6 +24,7 @@ from scoring import COLUMNS, evaluate, mean_spread, model_masks, swapped_text
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import resolve_shards
 from datamodules.records import Expression, VideoRecord
+from datamodules.synthetic import VOCABULARY
 from datamodules.targets import DenseTargets
 from glus_lightning import runner
 from glus_lightning.config import compose
@@ -53,6 +55,33 @@ class ShuffledExpressions(L.Callback):
         batch.expressions = shuffled
 
 
+class BagOfWordsPrompts(GLUSModule):
+    """The demo with each ``[SEG]`` prompt replaced by a bag-of-words text encoder: the sum of a learned vector per word
+    of the expression (N(0, 1) at the start, as SAM2's own tokens; "the" left out, it is in every expression). The
+    MLLM still runs, only its prompt is unused. What the rest of the demo (SAM2, memory, losses, recipe) makes of a
+    text path that encodes every word from the first step: a control for the MLLM's part in grounding."""
+
+    WORDS: ClassVar[dict[str, int]] = {w: i for i, w in enumerate(sorted(VOCABULARY - {"the"}))}
+
+    def __init__(self, config, load_device: torch.device | None = None) -> None:
+        super().__init__(config, load_device)
+        self.words = torch.nn.Embedding(len(self.WORDS), self.segmenter.prompt_dim)
+        self.texts: list[str] = []
+
+    def forward(self, batch: RefVOSBatch):
+        self.texts = batch.expressions
+        return super().forward(batch)
+
+    def _window_prompts(self, batch: RefVOSBatch):
+        self.texts = batch.expressions
+        yield from super()._window_prompts(batch)
+
+    def _project(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        ids = [torch.tensor([self.WORDS[w] for w in text.split() if w != "the"], device=seg_hidden.device) for text in self.texts]
+        prompts = torch.stack([self.words(i).sum(0) for i in ids])[:, None].expand(*seg_hidden.shape[:2], -1)
+        return prompts + 0 * super()._project(seg_hidden)  # the projection stays in the graph (no idle parameters)
+
+
 UNTRAINED = "untrained"  # the demo's model at initialisation (scored, never trained)
 TRAINED = {
     "glus": [],
@@ -60,7 +89,9 @@ TRAINED = {
     "no_memory": ["segmenter.memory.bank=false"],
     "no_contrastive": ["loss.contrastive_weight=0"],
     "shuffled": [],  # + ShuffledExpressions
+    "bag_of_words": [],  # BagOfWordsPrompts
 }
+MODULES = {"bag_of_words": BagOfWordsPrompts}  # the arms trained as another GLUSModule class
 INFERRED = ("swapped_text", "keyframes", "oracle_keyframes")  # from each glus model
 ARMS = (UNTRAINED, *TRAINED, *INFERRED)
 
@@ -97,13 +128,14 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
             planned = compose(arm_overrides)
             interrupted = list(Path(planned.run_dir, planned.name).glob("version_*/checkpoints/last.ckpt"))
             resume = ["ckpt_path=last"] if interrupted else []
-            runner.fit(compose([*arm_overrides, *resume]), [ShuffledExpressions(seed)] if arm == "shuffled" else None)
+            runner.fit(compose([*arm_overrides, *resume]), [ShuffledExpressions(seed)] if arm == "shuffled" else None,
+                       MODULES.get(arm, GLUSModule))
             marker.write_text(runner.resolve_checkpoint(compose([*arm_overrides, "ckpt_path=last"]))[0])
         checkpoint = marker.read_text() or None
         cfg = compose([*arm_overrides, f"ckpt_path={checkpoint or 'null'}"])
         urls = sorted({url for entry in cfg.data.val for url in resolve_shards(cfg.data.root, entry.shards)})
         records = list(islice(shard_records(urls), videos))
-        module = load_module(cfg, device)
+        module = load_module(cfg, device, MODULES.get(arm, GLUSModule))
         scored = {arm: model_masks}
         if arm == "glus":  # keyframes last: refinement fits the module's frame scorer and switches keyframes on
             scored |= {"swapped_text": lambda m: swapped_text(model_masks(m)), "oracle_keyframes": oracle_keyframe_masks,

@@ -6,9 +6,12 @@
    video, so the text carries no information about the target: it can only learn a prior such as "segment some shape";
 4. ``swapped_text``: the trained model asked each expression with the text of another expression of its video that
    names other objects, scored against the asked one's target (``scoring.swapped_text``): no second training, and
-   equal to ``glus`` when the masks ignore the sentence.
+   equal to ``glus`` when the masks ignore the sentence;
+5. ``bag_of_words``: the demo trained with each ``[SEG]`` prompt replaced by a bag-of-words text encoder (learned word
+   vectors, summed: ``arms.BagOfWordsPrompts``): what the rest of the recipe makes of a text path that encodes every
+   word from the first step, so the gap to ``glus`` is what the tiny MLLM's prompts lose.
 
-Prints J&F per expression kind, the confusion rate and the trained - shuffled and trained - swapped gaps (mean +- std
+Prints J&F per expression kind, the confusion rate and the trained - shuffled, - swapped and - bag-of-words gaps (mean +- std
 over seeds). Each (arm, seed) is kept in ``--out`` as it finishes (``arms.py``): a rerun resumes.
 
     python experiments/demo_controls.py [--seeds 0 1 2] [key=value ...]      # the same overrides as `glus fit`
@@ -19,14 +22,14 @@ from __future__ import annotations
 from arms import UNTRAINED, run_cli
 from scoring import mean_spread
 
-CONTROLS = [UNTRAINED, "glus", "shuffled", "swapped_text"]
+CONTROLS = [UNTRAINED, "glus", "shuffled", "swapped_text", "bag_of_words"]
 
 
 def main() -> None:
     results = run_cli(__doc__, CONTROLS, "runs/demo_controls")
     trained = {r["seed"]: r["J&F"] for r in results.get("glus", [])}
     print()
-    for control in ("shuffled", "swapped_text"):
+    for control in ("shuffled", "swapped_text", "bag_of_words"):
         other = {r["seed"]: r["J&F"] for r in results.get(control, [])}
         gaps = [trained[s] - other[s] for s in sorted(trained.keys() & other.keys())]
         if gaps:

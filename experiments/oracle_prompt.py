@@ -42,10 +42,11 @@ def main() -> None:
     parser.add_argument("--objects", type=int, nargs=2, default=[3, 5])
     parser.add_argument("--lookalike", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--prompts", choices=["attributes", "words"], default="attributes",
+    parser.add_argument("--prompts", choices=["attributes", "words", "colour", "all"], default="attributes",
                         help="attributes: one named object's colour + shape + size tokens; words: the sum of learned "
                              "embeddings of the words of one of the video's expressions (a bag-of-words text encoder; "
-                             "motion words cannot be told from one frame)")
+                             "motion words cannot be told from one frame); colour: one colour's token, the target every "
+                             "object of that colour; all: one token, the target every object (segmentation alone)")
     parser.add_argument("--token-scale", type=float, default=1.0, help="initial token size, times N(0, 1)")
     parser.add_argument("--save", help="write the trained SAM2 as an official {'model': state_dict} checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -78,6 +79,11 @@ def main() -> None:
                 expression = rng.choice(video.record.expressions)
                 mask = video.record.expression_mask(expression, t)
                 prompts.append(tokens["words"](torch.tensor([word_ids[w] for w in expression.text.split()])).sum(0))
+            elif args.prompts in ("colour", "all"):
+                colour = rng.choice(video.objects).colour if args.prompts == "colour" else ATTRIBUTES["colour"][0]
+                named = [o.obj_id for o in video.objects if args.prompts == "all" or o.colour == colour]
+                mask = np.any([video.record.object_mask(i, t) for i in named], axis=0)
+                prompts.append(tokens["colour"](torch.tensor(ATTRIBUTES["colour"].index(colour))))
             else:
                 obj = rng.choice(video.objects)
                 mask = video.record.object_mask(obj.obj_id, t)

@@ -119,6 +119,8 @@ class SyntheticConfig:
     seed: int = MISSING
     objects: list[int] = MISSING  # [min, max] objects per video
     lookalike: float = MISSING  # chance an object copies an earlier one's looks but one attribute
+    twins: float = MISSING  # chance that a video holds a pair of twins
+    naming: str = MISSING  # shortest: the fewest words that pick an object; colour: the fewest that name its colour too
 
 
 @dataclass

@@ -107,9 +107,10 @@ def save_config(cfg: DictConfig, trainer: L.Trainer, log_dir: Path) -> None:
         print(f"Resolved config (saved to {log_dir / CONFIG_FILE}):\n{to_yaml(cfg)}")
 
 
-def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:
+def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None,
+        module_class: type[GLUSModule] = GLUSModule) -> dict[str, float]:
     """Train; returns the final model's validation scores (validating it again only when the last validation came before
-    the last step); prints where the logs and checkpoints are."""
+    the last step); prints where the logs and checkpoints are. ``module_class``: a GLUSModule subclass (experiments)."""
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path, version = resolve_checkpoint(cfg)
     refinement = [KeyframeSelfRefinement(cfg.refine, cfg.data)] if cfg.inference.keyframes else []
@@ -117,7 +118,7 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dic
     log_dir = Path(logger.log_dir)
     save_config(cfg, trainer, log_dir)
     datamodule = RefVOSDataModule(cfg.data)
-    model = GLUSModule(cfg, load_device=trainer.strategy.root_device)
+    model = module_class(cfg, load_device=trainer.strategy.root_device)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     step, scores = model.last_validation or (None, None)
     if step != trainer.global_step:  # the final model is not validated yet (max_steps not a multiple of the cadence)

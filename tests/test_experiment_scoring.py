@@ -55,3 +55,30 @@ def test_swapped_text_asks_another_objects_sentence_and_only_grounded_masks_lose
     assert max(swapped) < 0.9  # another object's mask: every video here has two object sets or more
     ignoring = scoring.evaluate(every_object, records)
     assert scoring.evaluate(scoring.swapped_text(every_object), records) == ignoring
+
+
+def test_bag_of_words_control_prompts_are_word_sums_and_train_only_the_words_used(data_root):
+    """arms.BagOfWordsPrompts (demo_controls' bag_of_words arm): each prompt is the sum of its expression's word vectors
+    ("the" left out), whatever the MLLM says; a training step moves the vectors of the batch's words only."""
+    import torch
+    from test_module import first_batch, tiny_config
+
+    spec = importlib.util.spec_from_file_location("arms", _EXPERIMENTS / "arms.py")
+    arms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arms)
+    cfg = tiny_config(data_root)
+    torch.manual_seed(0)
+    module = arms.BagOfWordsPrompts(cfg)
+    batch = first_batch(cfg)
+    out = module(batch)
+    table = module.words.weight.detach()
+    for e, text in enumerate(batch.expressions):
+        expected = sum(table[sorted(arms.VOCABULARY - {"the"}).index(w)] for w in text.split() if w != "the")
+        torch.testing.assert_close(out.prompts[e], expected.expand(batch.num_query, -1))
+    used = {w for text in batch.expressions for w in text.split()} - {"the"}
+    before = table.clone()
+    optimizer = torch.optim.SGD([module.words.weight], lr=1.0)
+    module.criterion(module(batch), batch)[0].backward()
+    optimizer.step()
+    moved = {w for w, i in module.WORDS.items() if not torch.equal(module.words.weight[i].detach(), before[i])}
+    assert moved == used

@@ -239,6 +239,25 @@ def test_eval_blanks_absent_objects_and_multimask_fallback_acts_only_at_eval():
     assert changed.any()
 
 
+def test_training_never_reaches_the_multimask_tokens_so_the_test_size_keeps_its_single_mask_at_eval():
+    """GLUS trains the single-mask output only: no loss reaches the heads that turn SAM2's three multimask tokens into
+    masks. From scratch (the test size) those heads stay random, so the eval fallback would swap in untrained masks;
+    the test size turns it off."""
+    seg = make().train()
+    features = seg.encode_frames(frames_like(seg, 2, 3))
+    prompts = prompts_like(seg, 2, 3).requires_grad_(True)
+    seg.track(features, prompts).mask_logits.square().mean().backward()
+    heads = seg.sam.sam_mask_decoder.output_hypernetworks_mlps
+    grads = [sum(float(p.grad.abs().sum()) if p.grad is not None else 0.0 for p in head.parameters()) for head in heads]
+    assert grads[0] > 0 and grads[1:] == [0.0] * (len(heads) - 1)
+    with torch.no_grad():
+        trained_output = seg.step(features[:, 0], prompts[:, 0].detach(), seg.new_memory(2), 0)
+        at_eval = seg.eval().step(features[:, 0], prompts[:, 0].detach(), seg.new_memory(2), 0)
+    present = trained_output.object_score_logits > 0
+    expected = torch.where(present[:, None, None, None], trained_output.mask_logits, torch.full_like(trained_output.mask_logits, NO_OBJ_SCORE))
+    torch.testing.assert_close(at_eval.mask_logits, expected)
+
+
 def test_frozen_parts_train_without_randomness_and_no_module_is_held_in_eval_mode():
     seg = make().train()  # the test size freezes the image encoder and the memory (dropout 0.1 in memory attention)
     assert all(m.training for m in seg.modules())

@@ -168,6 +168,35 @@ def test_crowded_lookalike_scenes_stay_unambiguous_and_kinds_read_as_the_grammar
         generate_video(0, "train", 0, FRAMES, SIZE, lookalike=1.5)
 
 
+def _has_twins(video: SyntheticVideo) -> bool:
+    looks = [(o.colour, o.shape, o.size) for o in video.objects]
+    return len(set(looks)) < len(looks)
+
+
+def test_colour_naming_and_twin_rate_change_only_what_they_say() -> None:
+    """data.synthetic.naming=colour names the colour wherever a singular description with it picks the object (checked
+    by the independent parse), expressions stay unambiguous; data.synthetic.twins sets how many videos hold twins."""
+    default = [generate_video(0, "train", i, FRAMES, SIZE) for i in range(60)]
+    coloured = [generate_video(0, "train", i, FRAMES, SIZE, naming="colour") for i in range(60)]
+    named = {"default": 0, "colour": 0}
+    for key, videos in (("default", default), ("colour", coloured)):
+        for video in videos:
+            for exp in video.record.expressions:
+                assert refers_to(exp.text, video.objects) == set(exp.obj_ids), (video.record.video, exp.text)
+                named[key] += parse(exp.text)["colour"] is not None
+    expressions = sum(len(v.record.expressions) for v in coloured)
+    assert named["colour"] >= 0.7 * expressions and named["default"] <= 0.5 * expressions, (named, expressions)
+    # every object but a twin has a unique look, so its colour + shape + size picks it: a coloured appearance exists
+    appearance = [e.text for v in coloured for e in v.record.expressions if expression_kind(e.text) == "appearance"]
+    assert appearance and all(parse(text)["colour"] for text in appearance), appearance
+    rare = [generate_video(0, "train", i, FRAMES, SIZE, twins=0.0) for i in range(40)]
+    every = [generate_video(0, "train", i, FRAMES, SIZE, twins=1.0) for i in range(40)]
+    assert not any(_has_twins(v) for v in rare) and all(_has_twins(v) for v in every)
+    assert 0.3 < np.mean([_has_twins(v) for v in default]) < 0.7
+    with pytest.raises(ValueError, match="naming='loud'"):
+        generate_video(0, "train", 0, FRAMES, SIZE, naming="loud")
+
+
 # ---------------------------------------------------------------- the scene is what the pixels show
 
 

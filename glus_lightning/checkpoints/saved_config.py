@@ -35,7 +35,8 @@ ADDED: dict[str, Any] = {
     "segmenter.memory.bank": True,
 }
 # keys added to data.synthetic (filled only where a run generated the synthetic dataset)
-ADDED_SYNTHETIC: dict[str, Any] = {"objects": [2, 4], "lookalike": 0.0}  # 2026-12-04: the generator's crowding
+ADDED_SYNTHETIC: dict[str, Any] = {"objects": [2, 4], "lookalike": 0.0,  # 2026-12-04: the generator's crowding
+                                   "twins": 0.5, "naming": "shortest"}  # 2026-12-04: twins and naming
 
 
 def upgraded(saved: dict[str, Any] | DictConfig) -> DictConfig:

@@ -21,13 +21,14 @@ from glus_lightning.module import GLUSModule
 from glus_lightning.precision import compute_precision
 
 
-def load_module(cfg: DictConfig, device: torch.device | str = "cpu") -> GLUSModule:
-    """The configured model in eval mode (SAM2's multimask fallback on), with ``ckpt_path``'s trained weights.
+def load_module(cfg: DictConfig, device: torch.device | str = "cpu", module_class: type[GLUSModule] = GLUSModule) -> GLUSModule:
+    """The configured model in eval mode, with ``ckpt_path``'s trained weights (``module_class``: the class it was
+    trained as, a GLUSModule subclass in experiments).
 
     Seeded first: the frozen weights of a tiny model are its seeded random init, as in training.
     """
     L.seed_everything(cfg.seed, verbose=False)
-    module = GLUSModule(cfg)
+    module = module_class(cfg)
     if cfg.ckpt_path is not None:
         checkpoint = load_checkpoint(cfg.ckpt_path)
         module.on_load_checkpoint(checkpoint)
