@@ -249,7 +249,8 @@ def test_released_protocol_decodes_each_frame_as_a_step_by_step_reference_loop(t
     prepare_synthetic(tmp_path / "data", seed=3, num_train=1, num_val=1, frames=7, size=32)
     cfg = compose(["experiment=glus_s_released", "segmenter=test", "data=synthetic", *overrides, "backbone.dtype=float32",
                    f"backbone.image_size={IMAGE}", "trainer=cpu", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
-                   "data.num_context=2", "inference.window=3"])
+                   "data.num_context=2", "inference.window=3",
+                   "segmenter.multimask_fallback=true"])  # as the released SAM2's config (the test size turns it off)
     assert cfg.inference.decoding == "sliding" and cfg.data.num_query == 4
     module = GLUSModule(cfg).eval()
     batch = next(iter(RefVOSDataModule(cfg.data).val_dataloader()))
