@@ -309,7 +309,7 @@ def _subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
     return [c for n in range(len(names) + 1) for c in itertools.combinations(names, n)]
 
 
-def _shortest(rng: np.random.Generator, candidates: list[Description], naming: str = NAMING) -> Description:
+def _named(rng: np.random.Generator, candidates: list[Description], naming: str) -> Description:
     """A random one among the candidates that use the fewest words; with ``naming="colour"``, among those that name
     the object's colour when any does ("the red circle" over "the circle": most referring sentences name the colour)."""
     if naming == "colour":
@@ -357,7 +357,7 @@ def _multi_options(objects: Sequence[SceneObject], size: int) -> dict[frozenset[
 
 
 def _expressions(
-    rng: np.random.Generator, objects: Sequence[SceneObject], size: int, naming: str = NAMING
+    rng: np.random.Generator, objects: Sequence[SceneObject], size: int, naming: str
 ) -> list[tuple[Description, frozenset[int]]]:
     """One singular expression per object that has one (kind drawn at random), one multi-object, one positional."""
     chosen: list[tuple[Description, frozenset[int]]] = []
@@ -368,14 +368,14 @@ def _expressions(
         if not available:
             continue
         kind = available[int(rng.integers(len(available)))]
-        chosen.append((_shortest(rng, options[kind], naming), frozenset([obj.obj_id])))
+        chosen.append((_named(rng, options[kind], naming), frozenset([obj.obj_id])))
         if kind != "position" and options.get("position"):
-            positional.append((_shortest(rng, options["position"], naming), frozenset([obj.obj_id])))
+            positional.append((_named(rng, options["position"], naming), frozenset([obj.obj_id])))
     groups = _multi_options(objects, size)
     if groups:
         partial = [g for g in groups if len(g) < len(objects)] or list(groups)
         group = partial[int(rng.integers(len(partial)))]
-        chosen.append((_shortest(rng, groups[group], naming), group))
+        chosen.append((_named(rng, groups[group], naming), group))
     if positional:
         chosen.append(positional[int(rng.integers(len(positional)))])
     unique: dict[str, tuple[Description, frozenset[int]]] = {}
