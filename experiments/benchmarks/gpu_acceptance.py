@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,7 @@ def main() -> None:
                               "environment": environment(device), "memory_counter": (
                                   "torch.cuda.max_memory_allocated, reset per phase" if device.type == "cuda" else
                                   "CPU: tensor bytes made in the phase (tensor_memory.LiveTensorBytes), weights and optimiser state "
-                                  "made before it not included"), "sections": {}, "skipped": {}}
+                                  "made before it not included"), "sections": {}, "skipped": {}, "failed": {}}
 
     def save() -> None:
         result["elapsed_s"] = time.perf_counter() - t0
@@ -221,31 +222,47 @@ def main() -> None:
             return False
         return True
 
-    model = cfg = None
+    def attempt(name: str, section: Any) -> Any:
+        """One section; its error is recorded and the others still run (one device lease rarely allows a rerun)."""
+        try:
+            return section()
+        except Exception as error:  # noqa: BLE001 - recorded with its traceback, then the next section
+            result["failed"][name] = "".join(traceback.format_exception(error))[-4000:]
+            print(f"[acceptance] {name} failed: {error!r}", file=sys.stderr, flush=True)
+            return None
+        finally:
+            save()
+
+    trained = None
     if due("bf16") or "inference" in args.sections:
-        out, model, cfg = train_section(args.backbone, args.layers, "bf16", args.steps, args.warmup, device, extra)
-        result["sections"]["train_bf16_mixed"] = out
-        save()
-    if due("inference") and model is not None:
-        result["sections"]["inference"] = inference_section(model, cfg, args.frames, not args.smoke, device)
-        save()
-    model = cfg = None
+        trained = attempt("train_bf16_mixed", lambda: train_section(args.backbone, args.layers, "bf16", args.steps,
+                                                                     args.warmup, device, extra))
+        if trained is not None:
+            result["sections"]["train_bf16_mixed"] = trained[0]
+    if due("inference") and trained is not None:
+        out = attempt("inference", lambda: inference_section(trained[1], trained[2], args.frames, not args.smoke, device))
+        if out is not None:
+            result["sections"]["inference"] = out
+    trained = None
     free(device)
     if due("qlora"):
-        out, _, _ = train_section(args.backbone, args.layers, "qlora", args.steps, args.warmup, device, extra)
-        result["sections"]["train_qlora"] = out
-        save()
+        out = attempt("train_qlora", lambda: train_section(args.backbone, args.layers, "qlora", args.steps, args.warmup,
+                                                           device, extra))
+        if out is not None:
+            result["sections"]["train_qlora"] = out[0]
     free(device)
     if "fsdp1" in args.sections:
         if device.type != "cuda":
             result["skipped"]["fsdp1"] = ("trainer=fsdp1 (Lightning FSDPStrategy) needs CUDA (Lightning refuses FSDP1 on the "
                                           "CPU): not run in smoke mode")
         elif due("fsdp1"):
-            result["sections"]["fsdp1"] = fsdp1_section(args.backbone, args.layers, args.fsdp_steps, device)
+            out = attempt("fsdp1", lambda: fsdp1_section(args.backbone, args.layers, args.fsdp_steps, device))
+            if out is not None:
+                result["sections"]["fsdp1"] = out
     save()
     summary = {name: {k: v for k, v in s.items() if k in ("s_per_step_median", "peak_gib", "frames_per_s", "weights_gib")}
                for name, s in result["sections"].items()}
-    print(json.dumps({"sections": summary, "skipped": result["skipped"], "elapsed_s": result["elapsed_s"]}, indent=1))
+    print(json.dumps({"sections": summary, "skipped": result["skipped"], "failed": list(result["failed"]), "elapsed_s": result["elapsed_s"]}, indent=1))
 
 
 if __name__ == "__main__":
