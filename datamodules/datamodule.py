@@ -71,7 +71,7 @@ from datamodules.sampling import (
     plan_train,
 )
 from datamodules.shards import MANIFEST, Manifest, check_shard_format
-from datamodules.synthetic import LOOKALIKE, NAMING, OBJECTS, SPLIT_STREAMS, TWINS
+from datamodules.synthetic import BEFORE_OPTIONS, SPLIT_STREAMS
 from datamodules.targets import Targets
 from glus_lightning.config import ConfigError, DataConfig
 
@@ -408,8 +408,7 @@ def _check_synthetic(root: Path, wanted: dict) -> None:
         converter = Manifest.load(root / split).converter
         if converter is None or "options" not in converter:  # written before manifests recorded how: nothing to compare
             continue
-        made = {"objects": list(OBJECTS), "lookalike": LOOKALIKE, "twins": TWINS, "naming": NAMING,  # before these options
-                **converter["options"]}
+        made = {**BEFORE_OPTIONS, **converter["options"]}
         differ = {key: made.get(key) for key, value in wanted.items() if made.get(key) != value}
         if differ:
             raise ConfigError(

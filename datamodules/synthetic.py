@@ -53,11 +53,14 @@ RADII = {"small": 0.07, "big": 0.12}  # fraction of the frame size
 DIRECTIONS = {"up": (0.0, -1.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "right": (1.0, 0.0)}
 TRAVEL = (0.3, 0.45)  # distance moved, fraction of the frame size
 POSITION_MARGIN = 0.1  # fraction of the frame size that makes "on the left" clear
-TWINS = 0.5  # chance that a video holds a pair of twins (data.synthetic.twins)
-NAMING = "shortest"  # which valid description names an object (data.synthetic.naming, NAMINGS)
+TWINS = 0.25  # chance that a video holds a pair of twins (data.synthetic.twins)
+NAMING = "colour"  # which valid description names an object (data.synthetic.naming, NAMINGS)
 NAMINGS = ("shortest", "colour")
 OBJECTS = (2, 4)  # objects per video, inclusive (data.synthetic.objects)
 LOOKALIKE = 0.0  # chance that a further object copies an earlier one's looks but for one attribute (data.synthetic.lookalike)
+# what a manifest or config written before these options existed was made with (2026-12-04: twins 0.5 and the
+# shortest naming were the only behaviour until then)
+BEFORE_OPTIONS = {"objects": [2, 4], "lookalike": 0.0, "twins": 0.5, "naming": "shortest"}
 EXTENT = 1.2  # half-extent of any shape in radii (the triangle's circumradius), keeps shapes inside the frame
 MIN_VISIBLE = 0.3  # an object must show this fraction of its area ...
 MIN_VISIBLE_FRAMES = 0.75  # ... in at least this fraction of frames

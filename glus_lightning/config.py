@@ -208,6 +208,15 @@ class RefineConfig:
 
 
 @dataclass
+class TextWarmupConfig:
+    """Before fit, the MLLM learns to carry each sentence in its [SEG] prompts (glus_lightning/text_warmup.py)."""
+
+    steps: int = MISSING  # 0: none
+    lr: float = MISSING
+    log_every_n_steps: int = MISSING
+
+
+@dataclass
 class GLUSConfig:
     experiment: str = MISSING
     seed: int = MISSING
@@ -226,6 +235,7 @@ class GLUSConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    text_warmup: TextWarmupConfig = field(default_factory=TextWarmupConfig)
 
 
 class ConfigError(ValueError):

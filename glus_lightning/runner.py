@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from glus_lightning.keyframes.callback import KeyframeSelfRefinement
 from glus_lightning.module import GLUSModule
 from glus_lightning.precision import check_run_config
 from glus_lightning.strategies import GatheredEvaluation, build_strategy
+from glus_lightning.text_warmup import warm_up_text
 
 CONFIG_FILE = "config.yaml"
 
@@ -119,6 +121,8 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None,
     save_config(cfg, trainer, log_dir)
     datamodule = RefVOSDataModule(cfg.data)
     model = module_class(cfg, load_device=trainer.strategy.root_device)
+    if cfg.text_warmup.steps > 0 and ckpt_path is None:  # a resumed run's checkpoint holds the warmed weights
+        warm_up(model, cfg, trainer, logger)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     step, scores = model.last_validation or (None, None)
     if step != trainer.global_step:  # the final model is not validated yet (max_steps not a multiple of the cadence)
@@ -128,6 +132,38 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None,
         print(f"\nLogs: {log_dir}  (tensorboard --logdir {cfg.run_dir})")
         print(f"Checkpoints: last {last.last_model_path or '-'}  best {best.best_model_path or '-'}")
     return scores or {}
+
+
+def warm_up(model: GLUSModule, cfg: DictConfig, trainer: L.Trainer, logger: TensorBoardLogger) -> None:
+    """``text_warmup`` before the Trainer starts, on a data module of its own (the run's training data, its first
+    passes). It runs before the processes of a multi-device run exist or each of them runs it again: every rank starts
+    from the same seed and the same data (no process group yet: one rank's view), so all end with the same weights."""
+    data = RefVOSDataModule(cfg.data)
+    data.prepare_data()
+    loader = data.train_dataloader()
+
+    def passes():
+        while True:
+            empty = True
+            for batch in loader:
+                empty = False
+                yield batch
+            if empty:
+                return
+
+    progress = Path(logger.log_dir) / PROGRESS_FILE
+
+    def report(line: str, scalars: dict[str, float], step: int) -> None:
+        if trainer.is_global_zero:
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}"
+            print(line, flush=True)
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            with progress.open("a") as f:
+                f.write(line + "\n")
+            for name, value in scalars.items():
+                logger.experiment.add_scalar(f"text_warmup/{name}", value, step)
+
+    warm_up_text(model, passes(), cfg, report)
 
 
 def validate(cfg: DictConfig, csv: str | Path | None = None) -> dict[str, float]:

@@ -19,6 +19,7 @@ def tiny_run(tmp_path: Path) -> list[str]:
         f"data.root={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}", "data.num_workers=0",
         "data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.frames=6", "data.synthetic.size=48",
         "data.samples_per_epoch=4", "data.batch_size=1", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+        "text_warmup.steps=5", "text_warmup.log_every_n_steps=2",  # the demo's 1000, cut: the path runs, not the learning
     ]
 
 
@@ -41,12 +42,19 @@ def test_fit_generates_data_trains_saves_config_and_checkpoints(tmp_path: Path, 
     events.Reload()
     fit_jf = events.Scalars("val/J&F")[-1]  # the validation of the final model that ends `glus fit`
     assert fit_jf.step == 3
+    # the text warm-up ran before training: its lines in progress.log and on the terminal, its scalars in TensorBoard
+    assert [e.step for e in events.Scalars("text_warmup/loss")] == [2, 4, 5]
+    progress = (run / "progress.log").read_text()
+    assert progress.index("text warm-up step 5/5") < progress.index("training from step 0") and "text warm-up step 5/5" in out
 
     # validate the trained weights found by ckpt_path=last, in the same run directory: the same model, the same score
     assert main(["validate", *overrides, "ckpt_path=last", "--csv", str(tmp_path / "val.csv")]) == 0
     rows = list(csv.DictReader((tmp_path / "val.csv").open()))
     overall = next(r for r in rows if r["level"] == "overall")
     assert float(overall["J&F"]) == pytest.approx(fit_jf.value, abs=1e-5)
+    # a resumed fit takes the warmed weights from its checkpoint: no second warm-up
+    assert main(["fit", *overrides, "ckpt_path=last", "trainer.max_steps=4"]) == 0
+    assert "text warm-up" not in capsys.readouterr().out
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

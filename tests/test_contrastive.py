@@ -438,7 +438,7 @@ def test_bank_survives_a_checkpoint_round_trip(data_root: Path, tmp_path: Path) 
 def test_ddp_ranks_share_one_bank_with_both_ranks_entries(data_root: Path, tmp_path: Path, rules: list[str]) -> None:
     """Both push times: the gather pairs up across ranks and the banks stay identical, in rank order."""
     overrides = [f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3",
-                 "data.batch_size=1", "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2",
+                 "data.batch_size=1", "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2", "text_warmup.steps=0",
                  "trainer.val_every_n_steps=2", "trainer.accumulate_grad_batches=1", f"run_dir={tmp_path / 'runs'}",
                  "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
                  "loss.contrastive_weight=0.1", "data.expression_sampling=pairs", *FROZEN, *rules]

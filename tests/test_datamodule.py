@@ -421,7 +421,7 @@ def test_future_shard_format_is_refused_naming_manifest_versions_and_what_to_do(
         # the command that re-prepares it, from the converter options the manifest records
         assert f"move {root / 'train'} and {root / 'val'} aside" in message
         assert (f"glus prepare synthetic --seed 0 --num-train 2 --num-val 1 --frames 4 --size 32 --objects 2 4 --lookalike 0.0 "
-                f"--twins 0.5 --naming shortest --out {root}") in message
+                f"--twins 0.25 --naming colour --out {root}") in message
         _edit_manifest(manifest, lambda m: m.update(format_version=1))
     # `glus predict --input <shard>.tar` reads shards without a pattern: refused too
     from glus_lightning.inference.sources import read_input
@@ -446,17 +446,18 @@ def test_synthetic_data_made_with_other_options_is_refused_not_silently_used(tmp
     crowded = compose([f"data.root={root}", "data.synthetic.lookalike=0.5"]).data
     with pytest.raises(ConfigError, match=r"generated with \{'lookalike': 0.0\}.*asks for \{'lookalike': 0.5\}.*delete"):
         RefVOSDataModule(crowded).prepare_data()
-    coloured = compose([f"data.root={root}", "data.synthetic.naming=colour"]).data
-    with pytest.raises(ConfigError, match=r"generated with \{'naming': 'shortest'\}.*asks for \{'naming': 'colour'\}"):
-        RefVOSDataModule(coloured).prepare_data()
-    for split in ("train", "val"):  # a manifest written before the options existed: made with their defaults
+    shortest = compose([f"data.root={root}", "data.synthetic.naming=shortest"]).data
+    with pytest.raises(ConfigError, match=r"generated with \{'naming': 'colour'\}.*asks for \{'naming': 'shortest'\}"):
+        RefVOSDataModule(shortest).prepare_data()
+    for split in ("train", "val"):  # a manifest written before the options existed: made as the generator was then
         _edit_manifest(root / split / MANIFEST,
                        lambda m: [m["converter"]["options"].pop(k) for k in ("objects", "lookalike", "twins", "naming")])
-    RefVOSDataModule(cfg).prepare_data()
+    before = compose([f"data.root={root}", "data.synthetic.naming=shortest", "data.synthetic.twins=0.5"]).data
+    RefVOSDataModule(before).prepare_data()
+    with pytest.raises(ConfigError, match=r"generated with \{'twins': 0.5, 'naming': 'shortest'\}"):
+        RefVOSDataModule(cfg).prepare_data()  # today's defaults
     with pytest.raises(ConfigError, match="lookalike"):
         RefVOSDataModule(crowded).prepare_data()
-    with pytest.raises(ConfigError, match="naming"):
-        RefVOSDataModule(coloured).prepare_data()
 
 
 def test_manifest_of_before_format_versions_still_loads_and_missing_manifest_warns(tmp_path, caplog):

@@ -440,7 +440,7 @@ def doc_commands() -> list[str]:
     return [line for line in block.group(1).splitlines() if line.strip()]
 
 
-TINY = ["data.num_workers=0", "data.batch_size=1", "data.max_expressions=1", "data.samples_per_epoch=2", "data.shuffle_buffer=2", "trainer.max_steps=2",
+TINY = ["data.num_workers=0", "data.batch_size=1", "data.max_expressions=1", "data.samples_per_epoch=2", "data.shuffle_buffer=2", "trainer.max_steps=2", "text_warmup.steps=0",
         "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2"]
 
 

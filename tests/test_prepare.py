@@ -361,7 +361,7 @@ def test_manifest_records_shard_format_converter_options_and_package_version(tmp
 
 def test_synthetic_manifest_records_the_generator_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["synthetic", "--out", str(tmp_path / "syn"), "--seed", "7", "--num-train", "3", "--num-val", "2", "--frames", "5",
-            "--size", "40", "--naming", "colour"]
+            "--size", "40", "--naming", "shortest"]
     assert run_prepare(_parse(argv)) == 0
     capsys.readouterr()
     for split, per_shard in (("train", 1), ("val", 1)):  # ceil(videos / 8 shards)
@@ -371,6 +371,6 @@ def test_synthetic_manifest_records_the_generator_options(tmp_path: Path, capsys
             "name": "synthetic",
             "version": 1,
             "options": {"seed": 7, "num_train": 3, "num_val": 2, "frames": 5, "size": 40, "objects": [2, 4], "lookalike": 0.0,
-                        "twins": 0.5, "naming": "colour", "videos_per_shard": per_shard},
+                        "twins": 0.25, "naming": "shortest", "videos_per_shard": per_shard},
         }
         assert written["glus_lightning_version"] == importlib.metadata.version("glus-lightning")

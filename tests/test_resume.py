@@ -28,7 +28,7 @@ def overrides(data_root: Path, run_dir: Path) -> list[str]:
     # 2 steps per epoch, 4 steps: the checkpoint of step 2 is written at the end of epoch 0's validation.
     # The object-contrastive loss is on, as in the glus experiments: steps 2 and 3 draw negatives from its bank.
     return [f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3", "data.batch_size=1",
-            "data.max_expressions=3", "data.samples_per_epoch=2", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
+            "data.max_expressions=3", "data.samples_per_epoch=2", "trainer.max_steps=4", "text_warmup.steps=0", "trainer.val_every_n_steps=2",
             "data.expression_sampling=pairs", "loss.contrastive_weight=0.1", f"run_dir={run_dir}"]
 
 
@@ -74,7 +74,7 @@ def mid_epoch_overrides(data_root: Path, run_dir: Path) -> list[str]:
     # worker 0, 1 from worker 1), at step 6 at the last batch of epoch 2; validation at step 5 (15 micro-batches, more
     # than an epoch, which Lightning's per-epoch micro-batch interval would refuse), in the middle of epoch 2.
     return [f"data.root={data_root}", "data.num_workers=2", "data.num_context=2", "data.num_query=3", "data.batch_size=1",
-            "data.max_expressions=3", "data.samples_per_epoch=6", "trainer.max_steps=7", "trainer.accumulate_grad_batches=3",
+            "data.max_expressions=3", "data.samples_per_epoch=6", "trainer.max_steps=7", "text_warmup.steps=0", "trainer.accumulate_grad_batches=3",
             "trainer.val_every_n_steps=5", "trainer.checkpoint_every_n_steps=3", "data.expression_sampling=pairs",
             "loss.contrastive_weight=0.1", f"run_dir={run_dir}"]
 

@@ -32,7 +32,7 @@ KEYFRAMES = ("inference.keyframes=true", "refine.videos=3", "refine.steps=5")
 
 def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
     return [f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3", "data.batch_size=1",
-            "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
+            "data.max_expressions=2", "data.samples_per_epoch=4", "trainer.max_steps=2", "text_warmup.steps=0", "trainer.val_every_n_steps=2",
             "trainer.accumulate_grad_batches=1", f"run_dir={run_dir}", *FROZEN]
 
 

@@ -176,23 +176,24 @@ def _has_twins(video: SyntheticVideo) -> bool:
 def test_colour_naming_and_twin_rate_change_only_what_they_say() -> None:
     """data.synthetic.naming=colour names the colour wherever a singular description with it picks the object (checked
     by the independent parse), expressions stay unambiguous; data.synthetic.twins sets how many videos hold twins."""
-    default = [generate_video(0, "train", i, FRAMES, SIZE) for i in range(60)]
-    coloured = [generate_video(0, "train", i, FRAMES, SIZE, naming="colour") for i in range(60)]
-    named = {"default": 0, "colour": 0}
-    for key, videos in (("default", default), ("colour", coloured)):
+    shortest = [generate_video(0, "train", i, FRAMES, SIZE, naming="shortest", twins=0.5) for i in range(60)]
+    coloured = [generate_video(0, "train", i, FRAMES, SIZE, naming="colour", twins=0.5) for i in range(60)]
+    named = {"shortest": 0, "colour": 0}
+    for key, videos in (("shortest", shortest), ("colour", coloured)):
         for video in videos:
             for exp in video.record.expressions:
                 assert refers_to(exp.text, video.objects) == set(exp.obj_ids), (video.record.video, exp.text)
                 named[key] += parse(exp.text)["colour"] is not None
     expressions = sum(len(v.record.expressions) for v in coloured)
-    assert named["colour"] >= 0.7 * expressions and named["default"] <= 0.5 * expressions, (named, expressions)
+    assert named["colour"] >= 0.7 * expressions and named["shortest"] <= 0.5 * expressions, (named, expressions)
     # every object but a twin has a unique look, so its colour + shape + size picks it: a coloured appearance exists
     appearance = [e.text for v in coloured for e in v.record.expressions if expression_kind(e.text) == "appearance"]
     assert appearance and all(parse(text)["colour"] for text in appearance), appearance
     rare = [generate_video(0, "train", i, FRAMES, SIZE, twins=0.0) for i in range(40)]
     every = [generate_video(0, "train", i, FRAMES, SIZE, twins=1.0) for i in range(40)]
     assert not any(_has_twins(v) for v in rare) and all(_has_twins(v) for v in every)
-    assert 0.3 < np.mean([_has_twins(v) for v in default]) < 0.7
+    assert 0.3 < np.mean([_has_twins(v) for v in shortest]) < 0.7
+    assert 0.1 < np.mean([_has_twins(generate_video(0, "train", i, FRAMES, SIZE)) for i in range(60)]) < 0.4  # 0.25
     with pytest.raises(ValueError, match="naming='loud'"):
         generate_video(0, "train", 0, FRAMES, SIZE, naming="loud")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.synthetic import BEFORE_OPTIONS
 from glus_lightning.config import GLUSConfig
 
 ABSENT = object()
@@ -33,10 +34,11 @@ ADDED: dict[str, Any] = {
     "inference.decoding": "windowed",
     # 2026-12-04: the memory-bank ablation switch
     "segmenter.memory.bank": True,
+    # 2026-12-04: the text warm-up before fit (none before)
+    "text_warmup": {"steps": 0, "lr": 1.0e-3, "log_every_n_steps": 100},
 }
 # keys added to data.synthetic (filled only where a run generated the synthetic dataset)
-ADDED_SYNTHETIC: dict[str, Any] = {"objects": [2, 4], "lookalike": 0.0,  # 2026-12-04: the generator's crowding
-                                   "twins": 0.5, "naming": "shortest"}  # 2026-12-04: twins and naming
+ADDED_SYNTHETIC: dict[str, Any] = BEFORE_OPTIONS  # 2026-12-04: crowding, twins and naming
 
 
 def upgraded(saved: dict[str, Any] | DictConfig) -> DictConfig:
