@@ -187,10 +187,12 @@ def test_bad_ground_truth_meta_or_prediction_names_the_file(mevis: tuple[Path, d
 
 
 def test_glus_test_on_tiny_shards_gives_j_f_and_csv(tmp_path: Path) -> None:
-    prepare_synthetic(tmp_path / "data", seed=3, num_train=1, num_val=1, frames=4, size=32)
+    # scenes of generator version 1 (twins 0.5, shortest names), where every expression's target differs in size
+    prepare_synthetic(tmp_path / "data", seed=3, num_train=1, num_val=1, frames=4, size=32, twins=0.5, naming="shortest")
     # every logit is above the threshold: each prediction is the whole frame, so the scores are known in advance
     cfg = compose([f"data.root={tmp_path / 'data'}", "data.num_workers=0", "data.num_context=2", "data.num_query=2",
-                   f"run_dir={tmp_path / 'runs'}", "mask_threshold=-1e30"])
+                   "data.synthetic.twins=0.5", "data.synthetic.naming=shortest", f"run_dir={tmp_path / 'runs'}",
+                   "mask_threshold=-1e30"])
     results = runner.test(cfg, csv=tmp_path / "test.csv")
     assert set(results) == {"test/J", "test/F", "test/J&F"}
     val_records = [VideoRecord.from_sample(s) for url in sorted((tmp_path / "data" / "val").glob("*.tar"))

@@ -19,10 +19,10 @@ from glus_lightning.config import compose
 from glus_lightning.module import GLUSModule
 
 
-def trained_checkpoint(data_root: Path, path: Path, *overrides: str, steps: int = 3) -> GLUSModule:
+def trained_checkpoint(data_root: Path, path: Path, *overrides: str, steps: int = 8) -> GLUSModule:
     """A few optimiser steps (LoRA B starts at zero: the merge must carry a real update), saved as fit saves it.
 
-    The demo config (everything trains) reaches non-empty masks in 3 steps; ``FROZEN`` makes it faster."""
+    The demo config (everything trains) reaches non-empty masks in 8 steps; ``FROZEN`` makes it faster."""
     cfg = compose([f"data.root={data_root}", "data.num_workers=0", "data.num_context=2", "data.num_query=3",
                    "data.batch_size=1", "data.max_expressions=2", *overrides])
     L.seed_everything(cfg.seed)
