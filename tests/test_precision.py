@@ -113,9 +113,10 @@ def test_bf16_mixed_learns_a_batch_as_fp32_does(data_root: Path) -> None:
     runs = {}
     for name, overrides, steps in (("fp32", (), train_steps), ("bf16-mixed", BF16, autocast_steps)):
         torch.manual_seed(0)
-        runs[name] = steps(GLUSModule(tiny_config(data_root, *overrides)), batch, 8, lr=1e-2)
+        # 3e-3: the loss falls steadily (at 1e-2 it oscillates, and rounding moves the two paths apart by 25%)
+        runs[name] = steps(GLUSModule(tiny_config(data_root, *overrides)), batch, 8, lr=3e-3)
     assert runs["bf16-mixed"][-1] < 0.3 * runs["bf16-mixed"][0]
-    assert runs["bf16-mixed"] == pytest.approx(runs["fp32"], rel=0.1)
+    assert runs["bf16-mixed"] == pytest.approx(runs["fp32"], rel=0.05)
 
 
 def test_run_config_errors_name_the_key(data_root: Path) -> None:
