@@ -54,7 +54,7 @@ class TextProgress(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = (time.monotonic(), trainer.global_step)
         self._last = trainer.global_step
-        self._write(trainer, f"training from step {trainer.global_step} to {planned_steps(trainer) or 'the end'}")
+        self.write(f"training from step {trainer.global_step} to {planned_steps(trainer) or 'the end'}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, total = trainer.global_step, planned_steps(trainer)
@@ -66,22 +66,23 @@ class TextProgress(L.Callback):
         eta = f"ETA {format_seconds((total - step) / rate)}" if total and rate > 0 else "ETA ?"
         loss = trainer.callback_metrics.get("train/loss")
         loss_text = f"loss {float(loss):.4f}" if loss is not None else "loss ?"
-        self._write(trainer, f"step {step}/{total or '?'}  {loss_text}  {rate:.3f} steps/s  {eta}")
+        self.write(f"step {step}/{total or '?'}  {loss_text}  {rate:.3f} steps/s  {eta}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         scores = {k: float(v) for k in ("val/J&F", "val/J", "val/F") if (v := trainer.callback_metrics.get(k)) is not None}
         text = "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in scores.items()) or "no score"
-        self._write(trainer, f"validation at step {trainer.global_step}: {text}")
+        self.write(f"validation at step {trainer.global_step}: {text}")
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, text: str) -> None:
+    def write(self, text: str, echo: bool | None = None) -> None:
+        """``text`` with the time, appended to the log file and printed when ``echo`` (default: the callback's)."""
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("a") as f:
             f.write(line + "\n")
-        if self.echo:
+        if self.echo if echo is None else echo:
             print(line, flush=True)
 
 

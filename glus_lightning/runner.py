@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -151,15 +150,11 @@ def warm_up(model: GLUSModule, cfg: DictConfig, trainer: L.Trainer, logger: Tens
             if empty:
                 return
 
-    progress = Path(logger.log_dir) / PROGRESS_FILE
+    progress = next(c for c in trainer.callbacks if isinstance(c, TextProgress))
 
     def report(line: str, scalars: dict[str, float], step: int) -> None:
+        progress.write(line, echo=True)  # printed on a terminal too: no progress bar runs yet
         if trainer.is_global_zero:
-            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}"
-            print(line, flush=True)
-            progress.parent.mkdir(parents=True, exist_ok=True)
-            with progress.open("a") as f:
-                f.write(line + "\n")
             for name, value in scalars.items():
                 logger.experiment.add_scalar(f"text_warmup/{name}", value, step)
 

@@ -76,7 +76,7 @@ def warm_up_text(module: nn.Module, batches: Iterable, cfg: DictConfig,
         loss = float(step_loss.detach())
         exact.append(float(((logits.detach() > 0) == (targets > 0)).all(-1).float().mean()))
         if step % w.log_every_n_steps == 0 or step == w.steps:
-            cosine = mean_cosine(prompts.detach()[:, 0]) if len(prompts) > 1 else float("nan")
+            cosine = mean_cosine(prompts.detach()[:, 0])
             recent = sum(exact[-w.log_every_n_steps:]) / len(exact[-w.log_every_n_steps:])
             report(f"text warm-up step {step}/{w.steps}  loss {loss:.4f}  exact token sets {recent:.3f}  "
                    f"prompt cosine {cosine:.3f}", {"loss": loss, "exact_token_sets": recent, "prompt_cosine": cosine}, step)
