@@ -1,23 +1,31 @@
-"""What each GLUS component does on the built-in demo: one arm per component switched off, 3 seeds, scored per kind.
+"""What each GLUS component does on the built-in demo: one arm per component switched, 3 seeds, scored per kind.
 
-Trained arms (``arms.py``; only the listed overrides differ from the demo):
+Trained arms (``arms.py``; only the listed overrides differ from the demo, ``conf/experiment/demo.yaml``):
 
-- ``glus``: the demo (C = 4 context frames, memory bank) with GLUS's object-contrastive loss, which the demo leaves
-  off: ``loss.contrastive_weight=0.1 data.expression_sampling=pairs`` (the reference's weight) under every arm;
+- ``glus``: the demo (C = 4 context frames, memory bank, no object-contrastive loss);
 - ``no_context``: C = 0, no context frames: the MLLM sees only the window it segments (no global view);
 - ``no_memory``: every frame segmented on its own (``segmenter.memory.bank=false``): no memory attention;
-- ``no_contrastive``: ``loss.contrastive_weight=0`` (the same paired expression sampling);
+- ``contrastive``: GLUS's object-contrastive loss on, at the reference's weight (``loss.contrastive_weight=0.1
+  data.expression_sampling=pairs``, so that most batches hold two expressions of one video);
 - ``shuffled``: every training expression replaced by one of another video (what is learnt without the text).
 
-Inference arms on each ``glus`` model: ``swapped_text`` (each expression asked with the text of another expression of
-its video that names other objects, scored against its own target: equal to ``glus`` when the masks ignore the
-sentence), ``keyframes`` (self-refinement: the frame scorer fitted on training videos,
-each expression segmented from the frame it rates best, forward and backward) and ``oracle_keyframes`` (from the
-frame whose memoryless mask best matches the ground truth: the most a perfect scorer could give).
+Inference arms on each ``glus`` model:
+
+- ``swapped_text``: each expression asked with the text of another expression of its video that names other objects,
+  scored against its own target (equal to ``glus`` when the masks ignore the sentence);
+- ``memory_off``: the same model with its memory bank switched off at inference (what the memory adds to a model
+  trained with it);
+- ``keyframes``: self-refinement, the frame scorer fitted on training videos, each expression segmented from the
+  frame it rates best, forward and backward; ``oracle_keyframes``: from the frame whose memoryless mask best matches
+  the ground truth (the most a perfect scorer could give);
+- ``hard_start``, ``hard_start_keyframes``, ``hard_start_oracle_keyframes``: the same three on copies of the
+  validation videos whose first frames fade in (``scoring.hard_start``), where the first frame is the worst to start
+  from: the situation keyframes exist for.
 
 Columns (``scoring.py``): J&F overall and per expression kind, and the confusion rate (of the frames where the mask
 clearly picks one object, the share where it picked another). Mean +- std over the seeds. Results are kept per
-(arm, seed) in ``--out``: a rerun resumes, and processes given different ``--arms`` or ``--seeds`` share the work.
+(arm, seed) in ``--out``: a rerun resumes, and processes given different ``--arms`` or ``--seeds`` share the work
+(``demo_controls.py`` with the same ``--out`` shares ``glus`` and ``shuffled``).
 
     python experiments/ablations.py [--seeds 0 1 2] [--arms glus no_memory ...] [--videos N] [key=value ...]
     python experiments/ablations.py --table-only      # the table of what --out holds
@@ -28,11 +36,10 @@ from __future__ import annotations
 from arms import ARMS, UNTRAINED, run_cli
 
 DEFAULT_ARMS = [arm for arm in ARMS if arm not in (UNTRAINED, "bag_of_words")]  # the latter: demo_controls.py
-CONTRASTIVE = ["loss.contrastive_weight=0.1", "data.expression_sampling=pairs"]  # under every arm; the user's win
 
 
 def main() -> None:
-    run_cli(__doc__, DEFAULT_ARMS, "runs/ablations", CONTRASTIVE)
+    run_cli(__doc__, DEFAULT_ARMS, "runs/ablations")
 
 
 if __name__ == "__main__":

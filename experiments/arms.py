@@ -19,7 +19,7 @@ from typing import ClassVar
 import lightning as L
 import numpy as np
 import torch
-from scoring import COLUMNS, evaluate, mean_spread, model_masks, swapped_text
+from scoring import COLUMNS, evaluate, hard_start, mean_spread, model_masks, swapped_text
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import resolve_shards
@@ -87,12 +87,13 @@ TRAINED = {
     "glus": [],
     "no_context": ["data.num_context=0"],
     "no_memory": ["segmenter.memory.bank=false"],
-    "no_contrastive": ["loss.contrastive_weight=0"],
+    "contrastive": ["loss.contrastive_weight=0.1", "data.expression_sampling=pairs"],  # GLUS's loss, the reference's weight
     "shuffled": [],  # + ShuffledExpressions
     "bag_of_words": [],  # BagOfWordsPrompts
 }
 MODULES = {"bag_of_words": BagOfWordsPrompts}  # the arms trained as another GLUSModule class
-INFERRED = ("swapped_text", "keyframes", "oracle_keyframes")  # from each glus model
+INFERRED = ("swapped_text", "memory_off", "keyframes", "oracle_keyframes",  # from each glus model
+            "hard_start", "hard_start_keyframes", "hard_start_oracle_keyframes")
 ARMS = (UNTRAINED, *TRAINED, *INFERRED)
 
 
@@ -136,26 +137,34 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
         urls = sorted({url for entry in cfg.data.val for url in resolve_shards(cfg.data.root, entry.shards)})
         records = list(islice(shard_records(urls), videos))
         module = load_module(cfg, device, MODULES.get(arm, GLUSModule))
-        scored = {arm: model_masks}
+        scored = {arm: (model_masks, records)}
         if arm == "glus":  # keyframes last: refinement fits the module's frame scorer and switches keyframes on
-            scored |= {"swapped_text": lambda m: swapped_text(model_masks(m)), "oracle_keyframes": oracle_keyframe_masks,
-                       "keyframes": refined_keyframe_masks}
-        for name, masks in scored.items():
+            hard = [hard_start(record) for record in records]
+            without_memory = compose([*arm_overrides, f"ckpt_path={checkpoint}", "segmenter.memory.bank=false"])
+            scored |= {"swapped_text": (lambda m: swapped_text(model_masks(m)), records),
+                       "memory_off": (lambda m, c=without_memory: model_masks(load_module(c, device)), records),
+                       "oracle_keyframes": (oracle_keyframe_masks, records),
+                       "hard_start": (model_masks, hard),
+                       "hard_start_oracle_keyframes": (oracle_keyframe_masks, hard),
+                       "keyframes": (refined_keyframe_masks, records),
+                       "hard_start_keyframes": (refined_keyframe_masks, hard)}
+        for name, (masks, scored_records) in scored.items():
             if name in todo:
-                result = evaluate(masks(module), records)
+                result = evaluate(masks(module), scored_records)
                 (out / f"{name}_s{seed}.json").write_text(json.dumps({"arm": name, "seed": seed, "checkpoint": checkpoint, **result}))
                 print(f"{name} seed {seed}: " + "  ".join(f"{c} {result[c]:.4f}" for c in COLUMNS), flush=True)
 
 
 def refined_keyframe_masks(module: GLUSModule):
     """The module's masks from refined keyframes (GLUS self-refinement): its frame scorer fitted on training videos
-    first, as ``glus refine-scores`` does."""
+    first, as ``glus refine-scores`` does (once: a module with keyframes on has it fitted)."""
     cfg = module.cfg
-    with torch.enable_grad():
-        stats = fit_scorer(module.frame_scorer, collect_targets(module, training_videos(cfg.data, cfg.refine.videos)),
-                           cfg.refine.steps, cfg.refine.lr)
-    print(format_stats(stats), flush=True)
-    module.cfg.inference.keyframes = True
+    if not cfg.inference.keyframes:
+        with torch.enable_grad():
+            stats = fit_scorer(module.frame_scorer, collect_targets(module, training_videos(cfg.data, cfg.refine.videos)),
+                               cfg.refine.steps, cfg.refine.lr)
+        print(format_stats(stats), flush=True)
+        cfg.inference.keyframes = True
     return model_masks(module)
 
 
@@ -174,9 +183,9 @@ def print_table(out: Path, arms: tuple[str, ...] | list[str] = ARMS) -> dict[str
     return results
 
 
-def run_cli(doc: str, choices: list[str], out: str, base: list[str] | None = None) -> dict[str, list[dict]]:
-    """The experiments' shared command line: run the chosen arms for each seed (``base`` overrides first, the user's
-    win), print the table of what ``--out`` holds and return it per arm."""
+def run_cli(doc: str, choices: list[str], out: str) -> dict[str, list[dict]]:
+    """The experiments' shared command line: run the chosen arms for each seed, print the table of what ``--out``
+    holds and return it per arm."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=choices, default=choices)
@@ -188,5 +197,5 @@ def run_cli(doc: str, choices: list[str], out: str, base: list[str] | None = Non
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for seed in args.seeds:
-            run_seed(args.arms, seed, [*(base or []), *args.overrides], args.out, args.videos)
+            run_seed(args.arms, seed, args.overrides, args.out, args.videos)
     return print_table(args.out, choices)

@@ -12,11 +12,13 @@ Over (expression, frame) pairs with a non-empty target:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from datamodules.records import Expression, VideoRecord
 from datamodules.synthetic import KINDS, expression_kind
@@ -26,6 +28,8 @@ from glus_lightning.metrics import JAndF
 from glus_lightning.module import GLUSModule
 
 PICKED = 0.5  # IoU at which a mask counts as clearly picking an object
+HARD_START_FRAMES = 4  # hard_start: the first frames fade in ...
+HARD_START_FLOOR = 0.15  # ... from this fraction of their contrast
 COLUMNS = ("J&F", *(f"J&F {kind}" for kind in KINDS), "wrong_object", "confusion")
 
 MaskFn = Callable[[VideoRecord, Sequence[Expression]], list[np.ndarray]]  # boolean (T, H, W) per expression
@@ -72,6 +76,21 @@ def swapped_text(masks_of: MaskFn) -> MaskFn:
         return masks_of(record, [replace(e, text=t) for e, t in zip(expressions, texts, strict=True)])
 
     return swapped
+
+
+def hard_start(record: VideoRecord, frames: int = HARD_START_FRAMES, floor: float = HARD_START_FLOOR) -> VideoRecord:
+    """A copy of ``record`` whose first ``frames`` frames fade in (frame t keeps ``floor + (1 - floor) t / frames`` of
+    its contrast around its median colour; masks unchanged): the object is hardest to pick out exactly where sequential
+    tracking starts, the situation keyframe self-refinement is for."""
+    faded = list(record.frames)
+    for t in range(min(frames, len(faded))):
+        pixels = np.asarray(Image.open(io.BytesIO(faded[t])).convert("RGB"), dtype=np.float32)
+        median = np.median(pixels.reshape(-1, 3), axis=0)
+        pixels = median + (pixels - median) * (floor + (1 - floor) * t / frames)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+        faded[t] = buffer.getvalue()
+    return replace(record, frames=faded)
 
 
 def evaluate(masks_of: MaskFn, records: Iterable[VideoRecord]) -> dict[str, float]:

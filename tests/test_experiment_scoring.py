@@ -82,3 +82,26 @@ def test_bag_of_words_control_prompts_are_word_sums_and_train_only_the_words_use
     optimizer.step()
     moved = {w for w, i in module.WORDS.items() if not torch.equal(module.words.weight[i].detach(), before[i])}
     assert moved == used
+
+
+def test_hard_start_fades_in_the_first_frames_only():
+    """scoring.hard_start (the keyframe arms' hard first frames): frame t < K keeps floor + (1 - floor) t / K of its
+    contrast around its median colour, measured here on the decoded pixels; later frames and the masks are untouched."""
+    import io
+
+    from PIL import Image
+
+    record = generate_video(0, "val", 0, 8, 64).record
+    hard = scoring.hard_start(record, frames=4, floor=0.2)
+
+    def pixels(jpeg):
+        return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float64)
+
+    for t, expected in enumerate([0.2, 0.4, 0.6, 0.8]):
+        before, after = pixels(record.frames[t]), pixels(hard.frames[t])
+        spread = [np.abs(x - np.median(x.reshape(-1, 3), axis=0)).mean() for x in (before, after)]
+        assert abs(spread[1] / spread[0] - expected) < 0.05, (t, spread)
+    assert hard.frames[4:] == record.frames[4:]
+    assert hard.frames[0] != record.frames[0] and record.frames[0] == generate_video(0, "val", 0, 8, 64).record.frames[0]
+    for obj in record.object_ids:
+        assert all(np.array_equal(hard.object_mask(obj, i), record.object_mask(obj, i)) for i in range(record.num_frames))
