@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from datamodules.records import Expression, VideoRecord
-from datamodules.synthetic import KINDS, expression_kind
+from datamodules.synthetic import JPEG_QUALITY, KINDS, expression_kind
 from glus_lightning.inference.predictor import segment_video
 from glus_lightning.inference.sources import record_video
 from glus_lightning.metrics import JAndF
@@ -84,11 +84,11 @@ def hard_start(record: VideoRecord, frames: int = HARD_START_FRAMES, floor: floa
     tracking starts, the situation keyframe self-refinement is for."""
     faded = list(record.frames)
     for t in range(min(frames, len(faded))):
-        pixels = np.asarray(Image.open(io.BytesIO(faded[t])).convert("RGB"), dtype=np.float32)
+        pixels = record.decode_frame(t).astype(np.float32)
         median = np.median(pixels.reshape(-1, 3), axis=0)
         pixels = median + (pixels - median) * (floor + (1 - floor) * t / frames)
         buffer = io.BytesIO()
-        Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+        Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=JPEG_QUALITY)
         faded[t] = buffer.getvalue()
     return replace(record, frames=faded)
 

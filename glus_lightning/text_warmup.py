@@ -59,6 +59,11 @@ def warm_up_text(module: nn.Module, batches: Iterable, cfg: DictConfig,
     optimizer = torch.optim.AdamW([*params, *readout.parameters()], lr=w.lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
     module.train()
     exact: list[float] = []
+
+    def recent_exact() -> float:  # over the last log_every_n_steps steps
+        window = exact[-w.log_every_n_steps:]
+        return sum(window) / max(len(window), 1)
+
     step, loss, cosine = 0, float("nan"), float("nan")
     for step, batch in enumerate(islice(batches, w.steps), start=1):
         batch = batch.to(device)
@@ -77,11 +82,10 @@ def warm_up_text(module: nn.Module, batches: Iterable, cfg: DictConfig,
         exact.append(float(((logits.detach() > 0) == (targets > 0)).all(-1).float().mean()))
         if step % w.log_every_n_steps == 0 or step == w.steps:
             cosine = mean_cosine(prompts.detach()[:, 0])
-            recent = sum(exact[-w.log_every_n_steps:]) / len(exact[-w.log_every_n_steps:])
+            recent = recent_exact()
             report(f"text warm-up step {step}/{w.steps}  loss {loss:.4f}  exact token sets {recent:.3f}  "
                    f"prompt cosine {cosine:.3f}", {"loss": loss, "exact_token_sets": recent, "prompt_cosine": cosine}, step)
     if step < w.steps:
         raise ValueError(f"text_warmup.steps={w.steps}: the training data gave only {step} batches")
     optimizer.zero_grad(set_to_none=True)
-    recent = exact[-w.log_every_n_steps:]
-    return WarmupReport(step, loss, sum(recent) / max(len(recent), 1), cosine)
+    return WarmupReport(step, loss, recent_exact(), cosine)
