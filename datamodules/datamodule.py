@@ -348,11 +348,12 @@ class RefVOSDataModule(LightningDataModule):
         syn = cfg.synthetic
         if all(_matches_any(cfg.root, entry.shards) for entry in [*cfg.train, *cfg.val]):
             _check_synthetic(Path(cfg.root), {"objects": list(syn.objects), "lookalike": syn.lookalike, "twins": syn.twins,
-                                              "naming": syn.naming})
+                                              "naming": syn.naming, "twin_motion": syn.twin_motion})
             return
         log.info("generating the synthetic dataset under %s", cfg.root)
         prepare_synthetic(Path(cfg.root), seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, frames=syn.frames, size=syn.size,
-                          objects=tuple(syn.objects), lookalike=syn.lookalike, twins=syn.twins, naming=syn.naming)
+                          objects=tuple(syn.objects), lookalike=syn.lookalike, twins=syn.twins, naming=syn.naming,
+                          twin_motion=syn.twin_motion)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -400,7 +401,7 @@ class RefVOSDataModule(LightningDataModule):
 
 def _check_synthetic(root: Path, wanted: dict) -> None:
     """Raise ConfigError when the synthetic shards under ``root`` show other scenes than ``data.synthetic`` asks for
-    (``wanted``: objects, lookalike, twins, naming), rather than silently training on data the config does not describe. Counts, sizes
+    (``wanted``: objects, lookalike, twins, naming, twin_motion), rather than silently training on data the config does not describe. Counts, sizes
     and seed may differ: shards prepared by ``glus prepare synthetic`` with their own are used as they are."""
     for split in SPLIT_STREAMS:
         if not (root / split / MANIFEST).is_file():

@@ -23,7 +23,18 @@ from datamodules.own_folder import CONVERTER_VERSION as FOLDER_CONVERTER_VERSION
 from datamodules.own_folder import DATASET as FOLDER
 from datamodules.own_folder import GT_DIR, GroundTruth, open_folder
 from datamodules.shards import MANIFEST, Manifest, write_shards
-from datamodules.synthetic import DATASET, GENERATOR_VERSION, LOOKALIKE, NAMING, NAMINGS, OBJECTS, TWINS, synthetic_records
+from datamodules.synthetic import (
+    DATASET,
+    GENERATOR_VERSION,
+    LOOKALIKE,
+    NAMING,
+    NAMINGS,
+    OBJECTS,
+    TWIN_MOTION,
+    TWIN_MOTIONS,
+    TWINS,
+    synthetic_records,
+)
 
 SYNTHETIC_SHARDS = 8  # shards per synthetic split, so that up to 8 ranks x workers each get some
 
@@ -62,6 +73,8 @@ def configure_prepare_parser(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--lookalike", type=float, default=LOOKALIKE,
                      help=f"chance that an object copies an earlier one's looks but one attribute (default: {LOOKALIKE})")
     sub.add_argument("--twins", type=float, default=TWINS, help=f"chance that a video holds a pair of twins (default: {TWINS})")
+    sub.add_argument("--twin-motion", choices=TWIN_MOTIONS, default=TWIN_MOTION,
+                     help=f"crossing: twins move differently throughout; settled: only before mid-video (default: {TWIN_MOTION})")
     sub.add_argument("--naming", choices=NAMINGS, default=NAMING,
                      help=f"shortest: the fewest words that pick an object; colour: the fewest that name its colour too (default: {NAMING})")
 
@@ -71,7 +84,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         if args.dataset == "synthetic":
             manifests = prepare_synthetic(args.out, args.seed, args.num_train, args.num_val, args.frames, args.size,
-                                          tuple(args.objects), args.lookalike, args.twins, args.naming)
+                                          tuple(args.objects), args.lookalike, args.twins, args.naming, args.twin_motion)
             outs = {split: Path(args.out) / split for split in manifests}
         elif args.dataset == FOLDER:
             manifests = {args.split: prepare_folder(args.root, args.out, args.split, args.videos_per_shard, args.skip_bad,
@@ -135,16 +148,16 @@ def prepare_official(
 
 def prepare_synthetic(out: Path, seed: int, num_train: int, num_val: int, frames: int, size: int,
                       objects: tuple[int, int] = OBJECTS, lookalike: float = LOOKALIKE, twins: float = TWINS,
-                      naming: str = NAMING) -> dict[str, Manifest]:
+                      naming: str = NAMING, twin_motion: str = TWIN_MOTION) -> dict[str, Manifest]:
     """Generate the synthetic dataset into ``out/train/`` and ``out/val/``; returns their manifests."""
     counts = {"train": num_train, "val": num_val}
     dirs = {split: _fresh(Path(out) / split, split) for split in counts}
     manifests = {}
     options = {"seed": seed, "num_train": num_train, "num_val": num_val, "frames": frames, "size": size,
-               "objects": list(objects), "lookalike": lookalike, "twins": twins, "naming": naming}
+               "objects": list(objects), "lookalike": lookalike, "twins": twins, "naming": naming, "twin_motion": twin_motion}
     for split, count in counts.items():
         with _removed_on_failure(dirs[split], split):
-            records = synthetic_records(seed, split, count, frames, size, tuple(objects), lookalike, twins, naming)
+            records = synthetic_records(seed, split, count, frames, size, tuple(objects), lookalike, twins, naming, twin_motion)
             per_shard = math.ceil(count / SYNTHETIC_SHARDS)
             converter = {"name": DATASET, "version": GENERATOR_VERSION, "options": {**options, "videos_per_shard": per_shard}}
             manifests[split] = write_shards(records, dirs[split], DATASET, split, per_shard, total=count, converter=converter)

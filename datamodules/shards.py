@@ -137,7 +137,7 @@ def _prepare_hint(data: dict[str, Any], split_dir: Path) -> str:
     if name == "synthetic":
         flags = [(f"--{key.replace('_', '-')}", options[key]) for key in ("seed", "num_train", "num_val", "frames", "size") if key in options]
         flags += [("--objects", *options["objects"])] if "objects" in options else []
-        flags += [(f"--{key}", options[key]) for key in ("lookalike", "twins", "naming") if key in options]
+        flags += [(f"--{key.replace('_', '-')}", options[key]) for key in ("lookalike", "twins", "naming", "twin_motion") if key in options]
     else:
         flags = [("--root", options.get("root", "ROOT")), ("--split", options.get("split", split_dir.name))]
         flags += [(f"--{key.replace('_', '-')}", options[key]) for key in ("videos_per_shard", "min_frames") if key in options]

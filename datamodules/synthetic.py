@@ -6,7 +6,10 @@ stay still, or stop half-way. Expressions are of four kinds: appearance ("the re
 ("the square on the left"), motion ("the triangle moving up", "the shape that stops") and
 multi-object ("the two red shapes", "both circles", "all the squares"). Some videos (half by default,
 ``twins``) hold a pair of identical twins whose paths cross, so that only their motion tells them apart ("the red
-circle moving up"): no single frame and no position does, which makes whole-video reasoning matter.
+circle moving up"): no single frame and no position does, which makes whole-video reasoning matter. With
+``twin_motion="settled"`` the twins differ only before the middle frame (one stops after crossing the other, which is
+still or stops too): a window in the second half cannot tell them apart, only the frames before it can (GLUS's context
+frames, or SAM2's memory of the earlier windows).
 
 Meaning of the words, as ``referents`` checks them against the generated scene:
 
@@ -54,13 +57,15 @@ DIRECTIONS = {"up": (0.0, -1.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "right
 TRAVEL = (0.3, 0.45)  # distance moved, fraction of the frame size
 POSITION_MARGIN = 0.1  # fraction of the frame size that makes "on the left" clear
 TWINS = 0.25  # chance that a video holds a pair of twins (data.synthetic.twins)
+TWIN_MOTIONS = ("crossing", "settled")  # data.synthetic.twin_motion: twins moving apart throughout, or only before mid-video
+TWIN_MOTION = "crossing"
 NAMING = "colour"  # which valid description names an object (data.synthetic.naming, NAMINGS)
 NAMINGS = ("shortest", "colour")
 OBJECTS = (2, 4)  # objects per video, inclusive (data.synthetic.objects)
 LOOKALIKE = 0.0  # chance that a further object copies an earlier one's looks but for one attribute (data.synthetic.lookalike)
 # what a manifest or config written before these options existed was made with (2026-12-04: twins 0.5 and the
 # shortest naming were the only behaviour until then)
-BEFORE_OPTIONS = {"objects": [2, 4], "lookalike": 0.0, "twins": 0.5, "naming": "shortest"}
+BEFORE_OPTIONS = {"objects": [2, 4], "lookalike": 0.0, "twins": 0.5, "naming": "shortest", "twin_motion": "crossing"}
 EXTENT = 1.2  # half-extent of any shape in radii (the triangle's circumradius), keeps shapes inside the frame
 MIN_VISIBLE = 0.3  # an object must show this fraction of its area ...
 MIN_VISIBLE_FRAMES = 0.75  # ... in at least this fraction of frames
@@ -234,12 +239,16 @@ def _random_motion(rng: np.random.Generator) -> tuple[str | None, bool]:
     return kind, False
 
 
-def _twins(rng: np.random.Generator, frames: int, size: int, tries: int = 100) -> list[SceneObject]:
-    """Two identical-looking objects whose paths cross on one axis and stay level on the other."""
+def _twins(rng: np.random.Generator, frames: int, size: int, motion: str = TWIN_MOTION, tries: int = 100) -> list[SceneObject]:
+    """Two identical-looking objects whose paths cross on one axis and stay level on the other; ``motion="settled"``:
+    both are still from the middle frame on (stoppers or a stopper and a still one)."""
     looks = _random_looks(rng)
     axis = int(rng.integers(2))
     along = ("right", "left") if axis == 0 else ("down", "up")
-    motions = [(along[0], False), (along[1], False), (along[0], True), (along[1], True), (None, False)]
+    if motion == "settled":
+        motions = [(along[0], True), (along[1], True), (None, False)]
+    else:
+        motions = [(along[0], False), (along[1], False), (along[0], True), (along[1], True), (None, False)]
     margin = POSITION_MARGIN * size
     for _ in range(tries):
         i, j = rng.choice(len(motions), size=2, replace=False)
@@ -253,7 +262,7 @@ def _twins(rng: np.random.Generator, frames: int, size: int, tries: int = 100) -
         diff = a.path[:, axis] - b.path[:, axis]
         if diff[0] * diff[-1] < 0 and min(abs(diff[0]), abs(diff[-1])) >= margin / 2:
             return [a, b]
-    raise RuntimeError(f"could not place crossing twins in {tries} tries (frames={frames}, size={size})")
+    raise RuntimeError(f"could not place {motion} twins in {tries} tries (frames={frames}, size={size})")
 
 
 def _shape_mask(obj: SceneObject, t: int, size: int) -> tuple[slice, slice, np.ndarray]:
@@ -394,12 +403,12 @@ def _expressions(
 
 def _scene(
     rng: np.random.Generator, frames: int, size: int, objects_range: tuple[int, int], lookalike: float, twins: float,
-    naming: str, tries: int = 200,
+    naming: str, twin_motion: str = TWIN_MOTION, tries: int = 200,
 ) -> tuple[list[SceneObject], np.ndarray, list[tuple[Description, frozenset[int]]]]:
     """Objects, their label maps and expressions of a scene that shows every object and says at least two things."""
     for _ in range(tries):
         count = int(rng.integers(objects_range[0], objects_range[1] + 1))
-        objects = _twins(rng, frames, size) if rng.random() < twins else []
+        objects = _twins(rng, frames, size, twin_motion) if rng.random() < twins else []
         while len(objects) < count:  # identical looks only for twins, so any two lookalikes differ only in motion
             copied = lookalike > 0 and objects and rng.random() < lookalike  # no draw at 0: the same videos as before
             looks = _lookalike_looks(rng, objects) if copied else _random_looks(rng)
@@ -416,10 +425,12 @@ def _scene(
 
 
 def generate_video(seed: int, split: str, index: int, frames: int, size: int, objects: tuple[int, int] = OBJECTS,
-                   lookalike: float = LOOKALIKE, twins: float = TWINS, naming: str = NAMING) -> SyntheticVideo:
+                   lookalike: float = LOOKALIKE, twins: float = TWINS, naming: str = NAMING,
+                   twin_motion: str = TWIN_MOTION) -> SyntheticVideo:
     """Video ``index`` of ``split`` ("train" or "val"), fully determined by the arguments; ``objects`` (min, max) per
     video, ``lookalike``: the chance that each object after the first copies an earlier one's looks but one attribute,
-    ``twins``: the chance of a pair of twins, ``naming``: which valid description names an object (``NAMINGS``)."""
+    ``twins``: the chance of a pair of twins, ``naming``: which valid description names an object (``NAMINGS``),
+    ``twin_motion``: how the twins move (``TWIN_MOTIONS``, module doc)."""
     if split not in SPLIT_STREAMS:
         raise ValueError(f"split {split!r} is not a synthetic split; valid: {', '.join(SPLIT_STREAMS)}")
     if frames < 4:
@@ -430,8 +441,11 @@ def generate_video(seed: int, split: str, index: int, frames: int, size: int, ob
         raise ValueError(f"objects={tuple(objects)} must be (min, max) with 1 <= min <= max, lookalike={lookalike} in [0, 1]")
     if not 0 <= twins <= 1 or naming not in NAMINGS:
         raise ValueError(f"twins={twins} must be in [0, 1] and naming={naming!r} one of {', '.join(NAMINGS)}")
+    if twin_motion not in TWIN_MOTIONS:
+        raise ValueError(f"twin_motion={twin_motion!r} must be one of {', '.join(TWIN_MOTIONS)}")
     rng = np.random.default_rng((seed, SPLIT_STREAMS[split], index))
-    scene, labels, expressions = _scene(rng, frames, size, (int(objects[0]), int(objects[1])), lookalike, twins, naming)
+    scene, labels, expressions = _scene(rng, frames, size, (int(objects[0]), int(objects[1])), lookalike, twins, naming,
+                                        twin_motion)
     red, green, blue = (int(c) for c in rng.integers(20, 80, size=3))
     background = (red, green, blue)
     palette = np.array([background] + [COLOURS[o.colour] for o in scene], dtype=np.int16)
@@ -455,10 +469,11 @@ def generate_video(seed: int, split: str, index: int, frames: int, size: int, ob
 
 
 def synthetic_records(seed: int, split: str, count: int, frames: int, size: int, objects: tuple[int, int] = OBJECTS,
-                      lookalike: float = LOOKALIKE, twins: float = TWINS, naming: str = NAMING) -> Iterator[VideoRecord]:
+                      lookalike: float = LOOKALIKE, twins: float = TWINS, naming: str = NAMING,
+                      twin_motion: str = TWIN_MOTION) -> Iterator[VideoRecord]:
     """The ``count`` videos of one split, in order."""
     for index in range(count):
-        yield generate_video(seed, split, index, frames, size, objects, lookalike, twins, naming).record
+        yield generate_video(seed, split, index, frames, size, objects, lookalike, twins, naming, twin_motion).record
 
 
 def write_mevis_layout(records: Iterable[VideoRecord], root: str | Path, split: str) -> Path:

@@ -22,6 +22,9 @@ Inference arms on each ``glus`` model:
   validation videos whose first frames fade in (``scoring.hard_start``), where the first frame is the worst to start
   from: the situation keyframes exist for.
 
+And on each ``no_context`` model: ``no_context_memory_off``, its memory bank switched off at inference (with no context
+frames, the memory of earlier windows is all that carries what they showed: ``data.synthetic.twin_motion=settled``).
+
 Columns (``scoring.py``): J&F overall and per expression kind, and the confusion rate (of the frames where the mask
 clearly picks one object, the share where it picked another). Mean +- std over the seeds. Results are kept per
 (arm, seed) in ``--out``: a rerun resumes, and processes given different ``--arms`` or ``--seeds`` share the work

@@ -93,7 +93,8 @@ TRAINED = {
 }
 MODULES = {"bag_of_words": BagOfWordsPrompts}  # the arms trained as another GLUSModule class
 INFERRED = ("swapped_text", "memory_off", "keyframes", "oracle_keyframes",  # from each glus model
-            "hard_start", "hard_start_keyframes", "hard_start_oracle_keyframes")
+            "hard_start", "hard_start_keyframes", "hard_start_oracle_keyframes", "no_context_memory_off")
+INFERRED_FROM = {arm: "no_context" if arm.startswith("no_context_") else "glus" for arm in INFERRED}  # the model scored
 ARMS = (UNTRAINED, *TRAINED, *INFERRED)
 
 
@@ -119,7 +120,8 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
     """Train and score the arms of one seed that ``out`` does not hold yet."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     todo = [arm for arm in arms if not (out / f"{arm}_s{seed}.json").exists()]
-    models = [arm for arm in (UNTRAINED, *TRAINED) if arm in todo or (arm == "glus" and set(INFERRED) & set(todo))]
+    needed = {INFERRED_FROM[arm] for arm in todo if arm in INFERRED}
+    models = [arm for arm in (UNTRAINED, *TRAINED) if arm in todo or arm in needed]
     for arm in models:
         arm_overrides = [*overrides, *TRAINED.get(arm, []), f"seed={seed}", f"data.seed={seed}", f"name=ablation_{arm}_s{seed}"]
         marker = out / f"{arm}_s{seed}.checkpoint"  # written once the arm's training has finished
@@ -138,11 +140,14 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
         records = list(islice(shard_records(urls), videos))
         module = load_module(cfg, device, MODULES.get(arm, GLUSModule))
         scored = {arm: (model_masks, records)}
+        no_bank = [*arm_overrides, f"ckpt_path={checkpoint}", "segmenter.memory.bank=false"]
+        memory_off = lambda m, c=no_bank: model_masks(load_module(compose(c), device))  # the same checkpoint, no bank
+        if arm == "no_context":  # the memory bank as the only carrier of what earlier windows showed
+            scored |= {"no_context_memory_off": (memory_off, records)}
         if arm == "glus":  # keyframes last: refinement fits the module's frame scorer and switches keyframes on
             hard = [hard_start(record) for record in records]
-            without_memory = compose([*arm_overrides, f"ckpt_path={checkpoint}", "segmenter.memory.bank=false"])
             scored |= {"swapped_text": (lambda m: swapped_text(model_masks(m)), records),
-                       "memory_off": (lambda m, c=without_memory: model_masks(load_module(c, device)), records),
+                       "memory_off": (memory_off, records),
                        "oracle_keyframes": (oracle_keyframe_masks, records),
                        "hard_start": (model_masks, hard),
                        "hard_start_oracle_keyframes": (oracle_keyframe_masks, hard),
@@ -178,7 +183,7 @@ def print_table(out: Path, arms: tuple[str, ...] | list[str] = ARMS) -> dict[str
     for arm in arms:
         rows = results.get(arm, [])
         if rows:
-            cells = [mean_spread([row[c] for row in rows]) for c in COLUMNS]
+            cells = [mean_spread([row.get(c, float("nan")) for row in rows]) for c in COLUMNS]
             print(f"| {arm} | {len(rows)} | {' | '.join(cells)} |")
     return results
 

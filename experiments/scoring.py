@@ -8,6 +8,11 @@ Over (expression, frame) pairs with a non-empty target:
   object count here too when they touch a neighbour;
 - confusion rate: among the frames where the mask clearly picks one object (IoU >= 0.5 with the target or with
   another object), the fraction where it picked another object: the error the object-contrastive loss targets.
+
+``J&F motion late``, ``picked motion late``, ``confusion motion late``: the motion expressions on the second half of
+each video only: J&F, the share of frames where the mask clearly picks one object, and of those the share where it
+picked another. With ``data.synthetic.twin_motion=settled`` the twins are still there, so only earlier frames tell
+them apart: a mask over both twins picks neither, one over the wrong twin is confused.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from glus_lightning.module import GLUSModule
 PICKED = 0.5  # IoU at which a mask counts as clearly picking an object
 HARD_START_FRAMES = 4  # hard_start: the first frames fade in ...
 HARD_START_FLOOR = 0.15  # ... from this fraction of their contrast
-COLUMNS = ("J&F", *(f"J&F {kind}" for kind in KINDS), "wrong_object", "confusion")
+COLUMNS = ("J&F", *(f"J&F {kind}" for kind in KINDS), "J&F motion late", "picked motion late", "confusion motion late",
+           "wrong_object", "confusion")
 
 MaskFn = Callable[[VideoRecord, Sequence[Expression]], list[np.ndarray]]  # boolean (T, H, W) per expression
 
@@ -40,11 +46,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def error_counts(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray) -> np.ndarray:
-    """[frames with a target, wrong-object frames, frames that clearly pick an object, of those: another object]."""
+def error_counts(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray, frames: Iterable[int] | None = None) -> np.ndarray:
+    """[frames with a target, wrong-object frames, frames that clearly pick an object, of those: another object], over
+    ``frames`` (default: all)."""
     others = [o for o in record.object_ids if o not in obj_ids]
     counts = np.zeros(4, dtype=np.int64)
-    for i in range(record.num_frames):
+    for i in range(record.num_frames) if frames is None else frames:
         target = np.zeros_like(pred[i])
         for o in obj_ids:
             target |= record.object_mask(o, i).astype(bool)
@@ -97,6 +104,7 @@ def evaluate(masks_of: MaskFn, records: Iterable[VideoRecord]) -> dict[str, floa
     """J, F, J&F overall and per expression kind, the wrong-object and the confusion rate of one set of masks."""
     overall = JAndF()
     per_kind = {kind: JAndF() for kind in KINDS}
+    motion_late, late_counts = JAndF(), np.zeros(4, dtype=np.int64)
     counts = np.zeros(4, dtype=np.int64)
     seen: set[str] = set()
     for record in records:
@@ -106,11 +114,18 @@ def evaluate(masks_of: MaskFn, records: Iterable[VideoRecord]) -> dict[str, floa
             seen.add(kind)
             for metric in (overall, per_kind[kind]):
                 metric.update(torch.from_numpy(pred), torch.from_numpy(target), key=key)
+            if kind == "motion":
+                mid = record.num_frames // 2
+                motion_late.update(torch.from_numpy(pred[mid:]), torch.from_numpy(target[mid:]), key=key)
+                late_counts += error_counts(record, expression.obj_ids, pred, frames=range(mid, record.num_frames))
             counts += error_counts(record, expression.obj_ids, pred)
     scores = {k: float(v) for k, v in overall.compute().items() if k in ("J", "F", "J&F")}
     for kind, metric in per_kind.items():
         scores[f"J&F {kind}"] = float(metric.compute()["J&F"]) if kind in seen else float("nan")
+    scores["J&F motion late"] = float(motion_late.compute()["J&F"]) if "motion" in seen else float("nan")
     frames, wrong, picked, confused = counts.tolist()
+    late_frames, _, late_picked, late_confused = late_counts.tolist()
+    scores |= {"picked motion late": late_picked / max(late_frames, 1), "confusion motion late": late_confused / max(late_picked, 1)}
     return {**scores, "wrong_object": wrong / max(frames, 1), "confusion": confused / max(picked, 1)}
 
 

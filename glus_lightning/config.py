@@ -121,6 +121,7 @@ class SyntheticConfig:
     lookalike: float = MISSING  # chance an object copies an earlier one's looks but one attribute
     twins: float = MISSING  # chance that a video holds a pair of twins
     naming: str = MISSING  # shortest: the fewest words that pick an object; colour: the fewest that name its colour too
+    twin_motion: str = MISSING  # crossing: twins move apart throughout; settled: only before the middle frame
 
 
 @dataclass

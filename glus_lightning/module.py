@@ -27,7 +27,7 @@ from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
 from glus_lightning.segmentation import build_segmenter
-from glus_lightning.strategies import gather_from_ranks, shard_fsdp2
+from glus_lightning.strategies import fsdp1_clips_norm, gather_from_ranks, shard_fsdp2
 
 DECODINGS = ("windowed", "sliding")  # inference.decoding
 
@@ -280,6 +280,12 @@ class GLUSModule(L.LightningModule):
         ckpt_state.check_checkpoint_fits(self, checkpoint, self.cfg.backbone.family, optional=("contrastive.",))
 
     # -------------------------------------------------------------------------------- optimisers
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``trainer.gradient_clip_val`` under every strategy: FSDP1 clips through its root module (fsdp1_clips_norm)."""
+        if not fsdp1_clips_norm(self.trainer.strategy.model, gradient_clip_val, gradient_clip_algorithm):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict:
         """AdamW (segmenter optionally at its own lr), linear warm-up then linear decay to 0 at max_steps."""
         o = self.cfg.optim

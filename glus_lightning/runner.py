@@ -15,7 +15,7 @@ from callbacks.mask_overlay import MaskOverlayLogger
 from callbacks.progress import PROGRESS_FILE, StepProgressBar, TextProgress
 from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.checkpoints.checkpoint_io import AtomicCheckpointIO
-from glus_lightning.checkpoints.resume import DataEpochFromLoop, LastCheckpoint, StepSeed
+from glus_lightning.checkpoints.resume import DataEpochFromLoop, LastCheckpoint, StepSeed, ValidateLastStep
 from glus_lightning.config import ConfigError, to_yaml
 from glus_lightning.evaluation import EvaluationResult, write_csv
 from glus_lightning.keyframes.callback import KeyframeSelfRefinement
@@ -64,26 +64,30 @@ def trainer_arguments(trainer: DictConfig) -> dict:
             raise ConfigError(f"trainer.{key} must be a whole number of optimiser steps >= 1, got {value!r}")
     if not (isinstance(trainer.accumulate_grad_batches, int) and trainer.accumulate_grad_batches >= 1):
         raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {trainer.accumulate_grad_batches!r}")
-    return {**kwargs, "check_val_every_n_epoch": None, "val_check_interval": trainer.val_every_n_steps * trainer.accumulate_grad_batches}
+    # min_epochs=0: the fit loop may stop (and validate, ValidateLastStep) at max_steps inside the first epoch too
+    return {**kwargs, "check_val_every_n_epoch": None, "val_check_interval": trainer.val_every_n_steps * trainer.accumulate_grad_batches,
+            "min_epochs": 0}
 
 
 def build_trainer(
     cfg: DictConfig, version: int | None = None, extra_callbacks: list[L.Callback] | None = None
 ) -> tuple[L.Trainer, TensorBoardLogger]:
-    """The Trainer of a run: validation every ``trainer.val_every_n_steps`` optimiser steps (the best ``val/J&F``
-    checkpoint is kept), ``last.ckpt`` every ``trainer.checkpoint_every_n_steps``, after each validation and at the end.
+    """The Trainer of a run: validation every ``trainer.val_every_n_steps`` optimiser steps and at the last (the best
+    ``val/J&F`` checkpoint is kept), ``last.ckpt`` every ``trainer.checkpoint_every_n_steps``, after each validation and at the end.
 
     Progress in optimiser steps: a bar on a terminal, else a plain-text line every ``trainer.log_every_n_steps`` steps;
     the lines are appended to ``<log_dir>/progress.log`` either way."""
     arguments = trainer_arguments(cfg.trainer)
     logger = TensorBoardLogger(cfg.run_dir, name=cfg.name, version=version)
     log_dir = Path(logger.log_dir)
-    val_every = cfg.trainer.val_every_n_steps
+    val_every, last_step = cfg.trainer.val_every_n_steps, cfg.trainer.max_steps
     interactive = sys.stdout.isatty()
     callbacks = [
         ModelCheckpoint(dirpath=log_dir / "checkpoints", save_last=False, save_top_k=1, monitor="val/J&F", mode="max",
                         filename="step{step}-jf{val/J&F:.4f}", auto_insert_metric_name=False),
-        LastCheckpoint(log_dir / "checkpoints", cfg.trainer.checkpoint_every_n_steps, lambda step: step % val_every == 0),
+        LastCheckpoint(log_dir / "checkpoints", cfg.trainer.checkpoint_every_n_steps,
+                       lambda step: step % val_every == 0 or step == last_step),
+        ValidateLastStep(),
         LearningRateMonitor(logging_interval="step"),
         DataEpochFromLoop(),
         StepSeed(cfg.seed),
@@ -110,8 +114,8 @@ def save_config(cfg: DictConfig, trainer: L.Trainer, log_dir: Path) -> None:
 
 def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None,
         module_class: type[GLUSModule] = GLUSModule) -> dict[str, float]:
-    """Train; returns the final model's validation scores (validating it again only when the last validation came before
-    the last step); prints where the logs and checkpoints are. ``module_class``: a GLUSModule subclass (experiments)."""
+    """Train; returns the final model's validation scores (validated inside fit at its last step, ValidateLastStep; again
+    here only when fit ran no step, e.g. resumed from a finished run); prints where the logs and checkpoints are. ``module_class``: a GLUSModule subclass (experiments)."""
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path, version = resolve_checkpoint(cfg)
     refinement = [KeyframeSelfRefinement(cfg.refine, cfg.data)] if cfg.inference.keyframes else []
@@ -124,7 +128,7 @@ def fit(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None,
         warm_up(model, cfg, trainer, logger)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     step, scores = model.last_validation or (None, None)
-    if step != trainer.global_step:  # the final model is not validated yet (max_steps not a multiple of the cadence)
+    if step != trainer.global_step:  # the final model is not validated yet (fit resumed a run that had finished)
         scores = next(iter(trainer.validate(model, datamodule=datamodule, weights_only=True)), None)
     if trainer.is_global_zero:
         last, best = (next(c for c in trainer.callbacks if isinstance(c, kind)) for kind in (LastCheckpoint, ModelCheckpoint))

@@ -158,6 +158,18 @@ def build_strategy(trainer: DictConfig) -> Strategy | str:
     return name
 
 
+def fsdp1_clips_norm(root: nn.Module, clip_val: float | None, algorithm: str | None) -> bool:
+    """Clip by global norm through FSDP1's own ``clip_grad_norm_`` when ``root`` (the strategy's wrapped model) is an
+    FSDP1 module; True if it did. Each rank holds a shard of each gradient, so only the root's method sees the global
+    norm; Lightning's FSDP precision refuses ``gradient_clip_algorithm='norm'`` rather than clip per shard."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not (isinstance(root, FullyShardedDataParallel) and clip_val and algorithm in (None, "norm")):
+        return False
+    root.clip_grad_norm_(clip_val)
+    return True
+
+
 def gather_units(module: nn.Module) -> None:
     """Gather every FSDP2 unit's full weights and keep them until ``release_units``, so that forwards run no collective.
 

@@ -385,7 +385,8 @@ def test_synthetic_dataset_is_generated_when_missing(tmp_path):
     root = tmp_path / "syn"
     cfg = data_cfg(root, [source("synthetic", "train/train-*.tar")], val=[source("synthetic", "val/val-*.tar")],
                    synthetic={"num_train": 3, "num_val": 2, "frames": 4, "size": 32, "seed": 0,
-                              "objects": [2, 4], "lookalike": 0.0, "twins": 0.5, "naming": "shortest"})
+                              "objects": [2, 4], "lookalike": 0.0, "twins": 0.5, "naming": "shortest",
+                              "twin_motion": "crossing"})
     dm = RefVOSDataModule(cfg)
     dm.prepare_data()
     manifest = json.loads((root / "val" / "manifest.json").read_text())
@@ -421,7 +422,7 @@ def test_future_shard_format_is_refused_naming_manifest_versions_and_what_to_do(
         # the command that re-prepares it, from the converter options the manifest records
         assert f"move {root / 'train'} and {root / 'val'} aside" in message
         assert (f"glus prepare synthetic --seed 0 --num-train 2 --num-val 1 --frames 4 --size 32 --objects 2 4 --lookalike 0.0 "
-                f"--twins 0.25 --naming colour --out {root}") in message
+                f"--twins 0.25 --naming colour --twin-motion crossing --out {root}") in message
         _edit_manifest(manifest, lambda m: m.update(format_version=1))
     # `glus predict --input <shard>.tar` reads shards without a pattern: refused too
     from glus_lightning.inference.sources import read_input
@@ -449,6 +450,9 @@ def test_synthetic_data_made_with_other_options_is_refused_not_silently_used(tmp
     shortest = compose([f"data.root={root}", "data.synthetic.naming=shortest"]).data
     with pytest.raises(ConfigError, match=r"generated with \{'naming': 'colour'\}.*asks for \{'naming': 'shortest'\}"):
         RefVOSDataModule(shortest).prepare_data()
+    settled = compose([f"data.root={root}", "data.synthetic.twin_motion=settled"]).data
+    with pytest.raises(ConfigError, match=r"generated with \{'twin_motion': 'crossing'\}.*asks for \{'twin_motion': 'settled'\}"):
+        RefVOSDataModule(settled).prepare_data()
     for split in ("train", "val"):  # a manifest written before the options existed: made as the generator was then
         _edit_manifest(root / split / MANIFEST,
                        lambda m: [m["converter"]["options"].pop(k) for k in ("objects", "lookalike", "twins", "naming")])

@@ -57,6 +57,29 @@ def test_swapped_text_asks_another_objects_sentence_and_only_grounded_masks_lose
     assert scoring.evaluate(scoring.swapped_text(every_object), records) == ignoring
 
 
+def test_motion_late_scores_only_the_second_half_of_motion_expressions():
+    """J&F motion late: perfect masks in the first half and none after score 0 there, and vice versa 1, while the
+    motion column over every frame sits in between; other kinds do not enter it."""
+    records = [generate_video(0, "val", i, 8, 48, twins=1.0, twin_motion="settled").record for i in range(4)]
+
+    def half(first: bool):
+        def masks_of(rec, expressions):
+            masks = ground_truth_by_text(rec)(rec, expressions)
+            mid = rec.num_frames // 2
+            for m in masks:
+                (m[mid:] if first else m[:mid])[:] = False  # the other half left empty
+            return masks
+
+        return masks_of
+
+    early, late = scoring.evaluate(half(first=True), records), scoring.evaluate(half(first=False), records)
+    assert early["J&F motion late"] == 0.0 and late["J&F motion late"] == 1.0
+    assert early["picked motion late"] == 0.0 and late["picked motion late"] == 1.0 and late["confusion motion late"] == 0.0
+    swapped = scoring.evaluate(scoring.swapped_text(ground_truth_by_text(records[1])), [records[1]])  # each asks another
+    assert swapped["picked motion late"] == 1.0 and swapped["confusion motion late"] == 1.0  # object's text: all wrong
+    assert 0.2 < early["J&F motion"] < 0.8 and 0.2 < late["J&F motion"] < 0.8
+
+
 def test_bag_of_words_control_prompts_are_word_sums_and_train_only_the_words_used(data_root):
     """arms.BagOfWordsPrompts (demo_controls' bag_of_words arm): each prompt is the sum of its expression's word vectors
     ("the" left out), whatever the MLLM says; a training step moves the vectors of the batch's words only."""

@@ -371,6 +371,6 @@ def test_synthetic_manifest_records_the_generator_options(tmp_path: Path, capsys
             "name": "synthetic",
             "version": 1,
             "options": {"seed": 7, "num_train": 3, "num_val": 2, "frames": 5, "size": 40, "objects": [2, 4], "lookalike": 0.0,
-                        "twins": 0.25, "naming": "shortest", "videos_per_shard": per_shard},
+                        "twins": 0.25, "naming": "shortest", "twin_motion": "crossing", "videos_per_shard": per_shard},
         }
         assert written["glus_lightning_version"] == importlib.metadata.version("glus-lightning")

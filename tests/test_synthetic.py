@@ -198,6 +198,32 @@ def test_colour_naming_and_twin_rate_change_only_what_they_say() -> None:
         generate_video(0, "train", 0, FRAMES, SIZE, naming="loud")
 
 
+def test_settled_twins_differ_only_in_the_first_half() -> None:
+    """data.synthetic.twin_motion=settled: the twins' masks stop changing at mid-video (a late window shows two still,
+    identical shapes), at least one of them moved before, and each twin is still named unambiguously by its motion."""
+    settled = [generate_video(0, "train", i, FRAMES, SIZE, twins=1.0, twin_motion="settled") for i in range(30)]
+    mid = FRAMES // 2
+    for video in settled:
+        record = video.record
+        pair = [o for o in video.objects if twins(o, video.objects)]
+        assert len(pair) == 2, record.video
+        masks = {o.obj_id: np.stack([record.object_mask(o.obj_id, t) > 0 for t in range(FRAMES)]) for o in pair}
+        others = np.zeros((FRAMES, SIZE, SIZE), dtype=bool)
+        for t in range(FRAMES):
+            for o in (o for o in video.objects if o not in pair):
+                others[t] |= record.object_mask(o.obj_id, t) > 0
+        for m in masks.values():  # still from mid-video on: a pixel changes only where a third object passes
+            changed = m[mid:] ^ m[mid]
+            assert not (changed & ~(others[mid:] | others[mid])).any(), record.video
+        assert any((m[:mid] != m[mid]).any() for m in masks.values()), record.video  # one of them moved before
+        singles = [e for e in record.expressions if len(e.obj_ids) == 1 and e.obj_ids[0] in masks]
+        assert singles, record.video
+        for exp in singles:
+            assert refers_to(exp.text, video.objects) == set(exp.obj_ids) and parse(exp.text)["motion"], exp.text
+    with pytest.raises(ValueError, match="twin_motion='late'"):
+        generate_video(0, "train", 0, FRAMES, SIZE, twin_motion="late")
+
+
 # ---------------------------------------------------------------- the scene is what the pixels show
 
 

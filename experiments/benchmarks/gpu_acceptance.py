@@ -184,7 +184,7 @@ def fsdp1_section(preset: str, layers: int | None, steps: int, device: Any) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="llava_7b", choices=sorted(rehearsal.PRESETS))
-    parser.add_argument("--out", type=Path, default=Path("gpu_acceptance.json"))
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_acceptance.json"))
     parser.add_argument("--smoke", action="store_true", help="CPU, --layers 1, 1 step, 4 frames, no warm-up; FSDP1 skipped")
     parser.add_argument("--layers", type=int, help="cut the LM and vision tower to this many layers (default: full depth)")
     parser.add_argument("--steps", type=int, default=20)

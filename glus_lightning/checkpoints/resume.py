@@ -65,6 +65,17 @@ class LastCheckpoint(Checkpoint):
         self.last_model_path = str(self.path)
 
 
+class ValidateLastStep(L.Callback):
+    """A validation at ``max_steps`` also when it is off the cadence, inside fit, where the best-checkpoint choice sees
+    it (after fit, ``trainer.validate`` cannot make the final model the best checkpoint). Lightning validates at once
+    when a callback asks the fit loop to stop; ``min_epochs=0`` (``runner.trainer_arguments``) lets it stop in the
+    first epoch too."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class DataEpochFromLoop(L.Callback):
     """The training stream's pass number (``RefVOSDataModule`` state ``{"epoch"}``) = Lightning's epoch."""
 
