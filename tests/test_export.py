@@ -79,7 +79,7 @@ def test_a_checkpoint_saved_before_the_prompt_group_and_memory_switches_still_ex
     del old["prompt"]
     assert old["backbone"]["image_token_pool"] == "2x2"
     old["backbone"]["image_token_pool"] = 2
-    for key in ("objects", "lookalike"):  # the synthetic generator's options of 2026-12-04
+    for key in ("objects", "lookalike", "twin_motion"):  # the synthetic generator's options of 2026-12-04
         del old["data"]["synthetic"][key]
     for section, key in (("backbone", "train_token_rows"), ("backbone", "image_resize"), ("segmenter", "memory"),
                          *(("loss", k) for k in list(old["loss"]) if k.startswith("contrastive_") and k not in (

@@ -38,7 +38,7 @@ ADDED: dict[str, Any] = {
     "text_warmup": {"steps": 0, "lr": 1.0e-3, "log_every_n_steps": 100},
 }
 # keys added to data.synthetic (filled only where a run generated the synthetic dataset)
-ADDED_SYNTHETIC: dict[str, Any] = BEFORE_OPTIONS  # 2026-12-04: crowding, twins and naming
+ADDED_SYNTHETIC: dict[str, Any] = BEFORE_OPTIONS  # 2026-12-04: crowding, twins, naming and twin motion
 
 
 def upgraded(saved: dict[str, Any] | DictConfig) -> DictConfig:
