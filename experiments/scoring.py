@@ -46,12 +46,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def error_counts(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray, frames: Iterable[int] | None = None) -> np.ndarray:
-    """[frames with a target, wrong-object frames, frames that clearly pick an object, of those: another object], over
-    ``frames`` (default: all)."""
+def frame_errors(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray) -> np.ndarray:
+    """Per frame (rows), 0 or 1: [has a target, wrong object, clearly picks an object, of those: another object]; sum
+    the rows of the frames to count over."""
     others = [o for o in record.object_ids if o not in obj_ids]
-    counts = np.zeros(4, dtype=np.int64)
-    for i in range(record.num_frames) if frames is None else frames:
+    counts = np.zeros((record.num_frames, 4), dtype=np.int64)
+    for i in range(record.num_frames):
         target = np.zeros_like(pred[i])
         for o in obj_ids:
             target |= record.object_mask(o, i).astype(bool)
@@ -60,7 +60,7 @@ def error_counts(record: VideoRecord, obj_ids: tuple[int, ...], pred: np.ndarray
         on_target = iou(pred[i], target)
         best_other = max((iou(pred[i], record.object_mask(o, i).astype(bool)) for o in others), default=0.0)
         picked = max(on_target, best_other) >= PICKED
-        counts += (1, best_other > 0 and best_other > on_target, picked, picked and best_other > on_target)
+        counts[i] = (1, best_other > 0 and best_other > on_target, picked, picked and best_other > on_target)
     return counts
 
 
@@ -114,11 +114,12 @@ def evaluate(masks_of: MaskFn, records: Iterable[VideoRecord]) -> dict[str, floa
             seen.add(kind)
             for metric in (overall, per_kind[kind]):
                 metric.update(torch.from_numpy(pred), torch.from_numpy(target), key=key)
+            errors = frame_errors(record, expression.obj_ids, pred)
+            counts += errors.sum(0)
             if kind == "motion":
                 mid = record.num_frames // 2
                 motion_late.update(torch.from_numpy(pred[mid:]), torch.from_numpy(target[mid:]), key=key)
-                late_counts += error_counts(record, expression.obj_ids, pred, frames=range(mid, record.num_frames))
-            counts += error_counts(record, expression.obj_ids, pred)
+                late_counts += errors[mid:].sum(0)
     scores = {k: float(v) for k, v in overall.compute().items() if k in ("J", "F", "J&F")}
     for kind, metric in per_kind.items():
         scores[f"J&F {kind}"] = float(metric.compute()["J&F"]) if kind in seen else float("nan")
