@@ -19,7 +19,7 @@ from typing import ClassVar
 import lightning as L
 import numpy as np
 import torch
-from scoring import COLUMNS, evaluate, hard_start, mean_spread, model_masks, swapped_text
+from scoring import COLUMNS, MaskFn, evaluate, hard_start, mean_spread, model_masks, swapped_text
 
 from datamodules.batch import RefVOSBatch
 from datamodules.datamodule import resolve_shards
@@ -88,32 +88,64 @@ TRAINED = {
     "no_context": ["data.num_context=0"],
     "no_memory": ["segmenter.memory.bank=false"],
     "contrastive": ["loss.contrastive_weight=0.1", "data.expression_sampling=pairs"],  # GLUS's loss, the reference's weight
+    "unprompted": ["segmenter.memory.unprompted_frames=0.5"],  # SAM2's way: some frames tracked from memory alone
+    "no_context_unprompted": ["data.num_context=0", "segmenter.memory.unprompted_frames=0.5"],
     "shuffled": [],  # + ShuffledExpressions
     "bag_of_words": [],  # BagOfWordsPrompts
 }
 MODULES = {"bag_of_words": BagOfWordsPrompts}  # the arms trained as another GLUSModule class
-INFERRED = ("swapped_text", "memory_off", "keyframes", "oracle_keyframes",  # from each glus model
-            "hard_start", "hard_start_keyframes", "hard_start_oracle_keyframes", "no_context_memory_off")
-INFERRED_FROM = {arm: "no_context" if arm.startswith("no_context_") else "glus" for arm in INFERRED}  # the model scored
+INFERENCES = ("swapped_text", "memory_off", "first_prompt_only", "keyframes", "oracle_keyframes",
+              "hard_start", "hard_start_keyframes", "hard_start_oracle_keyframes")
+INFERRED_ON = ("glus", "no_context", "unprompted", "no_context_unprompted")  # the trained arms inference arms run on
+
+
+def inferred_arm(model: str, inference: str) -> str:
+    """An inference arm's name: the inference alone on ``glus`` (e.g. ``memory_off``), else ``<model>_<inference>``."""
+    return inference if model == "glus" else f"{model}_{inference}"
+
+
+INFERRED_FROM = {inferred_arm(model, inference): model for model in INFERRED_ON for inference in INFERENCES}
+INFERRED = tuple(INFERRED_FROM)
 ARMS = (UNTRAINED, *TRAINED, *INFERRED)
 
 
-def oracle_keyframe_masks(module: GLUSModule):
-    """Masks tracked from each expression's best memoryless frame against the ground truth (an upper bound)."""
+def tracked_masks(module: GLUSModule, plan) -> MaskFn:
+    """Masks of each expression tracked from keyframes by ``plan(evidence, record, expressions) -> (prompts,
+    keyframes)``, given the video's evidence (every frame's prompts, features and memoryless masks)."""
     cfg = module.cfg
 
     @torch.no_grad()
     def masks_of(record: VideoRecord, expressions: list[Expression]) -> list[np.ndarray]:
         video = record_video(record)
-        batch = video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size)
-        evidence = module.frame_evidence(batch)
-        frames = range(record.num_frames)
-        truth = DenseTargets([torch.from_numpy(np.stack([record.expression_mask(x, i) for i in frames])) for x in expressions])
-        keyframes = keyframe_targets(evidence.mask_logits, truth, cfg.mask_threshold).argmax(1).tolist()
-        logits = track_from_keyframes(module.segmenter, evidence.features, evidence.prompts, keyframes).mask_logits
+        evidence = module.frame_evidence(video_batch(video, expressions, cfg.data.num_context, cfg.data.image_size))
+        prompts, keyframes = plan(evidence, record, expressions)
+        logits = track_from_keyframes(module.segmenter, evidence.features, prompts, keyframes).mask_logits
         return [masks_from_logits(lg, video.size, cfg.mask_threshold).cpu().numpy() for lg in logits]
 
     return masks_of
+
+
+def oracle_keyframe_masks(module: GLUSModule) -> MaskFn:
+    """Masks tracked from each expression's best memoryless frame against the ground truth (an upper bound)."""
+
+    def plan(evidence, record: VideoRecord, expressions: list[Expression]):
+        frames = range(record.num_frames)
+        truth = DenseTargets([torch.from_numpy(np.stack([record.expression_mask(x, i) for i in frames])) for x in expressions])
+        return evidence.prompts, keyframe_targets(evidence.mask_logits, truth, module.cfg.mask_threshold).argmax(1).tolist()
+
+    return tracked_masks(module, plan)
+
+
+def first_prompt_masks(module: GLUSModule) -> MaskFn:
+    """Masks tracked from each expression's first frame with every later frame's prompt withheld (SAM2's not-a-point
+    token, as ``segmenter.memory.unprompted_frames`` trains): what the memory bank carries on its own."""
+
+    def plan(evidence, record: VideoRecord, expressions: list[Expression]):
+        withheld = torch.ones(evidence.prompts.shape[:2], dtype=torch.bool, device=evidence.prompts.device)
+        withheld[:, 0] = False
+        return module.segmenter.withhold_prompts(evidence.prompts, withheld), [0] * len(expressions)
+
+    return tracked_masks(module, plan)
 
 
 def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos: int | None) -> None:
@@ -140,19 +172,20 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
         records = list(islice(shard_records(urls), videos))
         module = load_module(cfg, device, MODULES.get(arm, GLUSModule))
         scored = {arm: (model_masks, records)}
-        no_bank = [*arm_overrides, f"ckpt_path={checkpoint}", "segmenter.memory.bank=false"]
-        memory_off = lambda m, c=no_bank: model_masks(load_module(compose(c), device))  # the same checkpoint, no bank
-        if arm == "no_context":  # the memory bank as the only carrier of what earlier windows showed
-            scored |= {"no_context_memory_off": (memory_off, records)}
-        if arm == "glus":  # keyframes last: refinement fits the module's frame scorer and switches keyframes on
+        if arm in INFERRED_ON:
+            no_bank = [*arm_overrides, f"ckpt_path={checkpoint}", "segmenter.memory.bank=false"]
+            memory_off = lambda m, c=no_bank: model_masks(load_module(compose(c), device))  # the same checkpoint, no bank
             hard = [hard_start(record) for record in records]
-            scored |= {"swapped_text": (lambda m: swapped_text(model_masks(m)), records),
-                       "memory_off": (memory_off, records),
-                       "oracle_keyframes": (oracle_keyframe_masks, records),
-                       "hard_start": (model_masks, hard),
-                       "hard_start_oracle_keyframes": (oracle_keyframe_masks, hard),
-                       "keyframes": (refined_keyframe_masks, records),
-                       "hard_start_keyframes": (refined_keyframe_masks, hard)}
+            inferences = {"swapped_text": (lambda m: swapped_text(model_masks(m)), records),
+                          "memory_off": (memory_off, records),
+                          "first_prompt_only": (first_prompt_masks, records),
+                          "oracle_keyframes": (oracle_keyframe_masks, records),
+                          "hard_start": (model_masks, hard),
+                          "hard_start_oracle_keyframes": (oracle_keyframe_masks, hard),
+                          # keyframes last: refinement fits the module's frame scorer and switches keyframes on
+                          "keyframes": (refined_keyframe_masks, records),
+                          "hard_start_keyframes": (refined_keyframe_masks, hard)}
+            scored |= {inferred_arm(arm, name): how for name, how in inferences.items()}
         for name, (masks, scored_records) in scored.items():
             if name in todo:
                 result = evaluate(masks(module), scored_records)
@@ -188,12 +221,12 @@ def print_table(out: Path, arms: tuple[str, ...] | list[str] = ARMS) -> dict[str
     return results
 
 
-def run_cli(doc: str, choices: list[str], out: str) -> dict[str, list[dict]]:
-    """The experiments' shared command line: run the chosen arms for each seed, print the table of what ``--out``
-    holds and return it per arm."""
+def run_cli(doc: str, choices: list[str], out: str, default: list[str] | None = None) -> dict[str, list[dict]]:
+    """The experiments' shared command line: run the chosen arms (``default``: all ``choices``) for each seed, print
+    the table of what ``--out`` holds and return it per arm."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=choices, default=choices)
+    parser.add_argument("--arms", nargs="+", choices=choices, default=default or choices)
     parser.add_argument("--videos", type=int, default=None, help="score only the first N validation videos")
     parser.add_argument("--out", type=Path, default=Path(out), help="one JSON per (arm, seed)")
     parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")

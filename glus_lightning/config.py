@@ -86,6 +86,7 @@ class MemoryConfig:  # conf/segmenter/_memory.yaml explains each; the GLUS refer
     gate_by_object_score: bool = MISSING
     encoder_input: str = MISSING  # "raw" or "conditioned"
     bank: bool = MISSING  # false: no memory attention (an ablation)
+    unprompted_frames: float = MISSING  # training: chance that a query frame after a window's first gets no prompt
 
 
 @dataclass

@@ -26,7 +26,7 @@ from glus_lightning.losses import GLUSLoss, GLUSOutput
 from glus_lightning.masks import masks_from_logits
 from glus_lightning.metrics import JAndF
 from glus_lightning.precision import keep_trainable_fp32, layer_norms_follow_weights_on_cpu
-from glus_lightning.segmentation import build_segmenter
+from glus_lightning.segmentation import SegmenterConfigError, build_segmenter
 from glus_lightning.strategies import fsdp1_clips_norm, gather_from_ranks, shard_fsdp2
 
 DECODINGS = ("windowed", "sliding")  # inference.decoding
@@ -85,10 +85,23 @@ class GLUSModule(L.LightningModule):
         q = batch.num_query
         features = self.segmenter.encode_frames(batch.query_frames.flatten(0, 1))
         rows = batch.expression_video[:, None] * q + torch.arange(q, device=prompts.device)
-        track = self.segmenter.track(self.segmenter.select(features, rows), prompts)
+        track = self.segmenter.track(self.segmenter.select(features, rows), self._training_prompts(prompts))
         # no views among the outputs: FSDP2 warns about (and cannot track in-place writes to) views a module returns;
         # the projection's output is one (Linear on [E, Q, D] reshapes its product), so it is copied: E x Q x 256 values
         return GLUSOutput(lm_loss, track.mask_logits, prompts.clone(), track.iou_pred, track.object_score_logits)
+
+    def _training_prompts(self, prompts: Tensor) -> Tensor:
+        """What the segmenter is prompted with in training: with ``segmenter.memory.unprompted_frames`` > 0, each query
+        frame after a window's first has that chance of getting no prompt, so its mask must come from the memory bank."""
+        chance = self.cfg.segmenter.memory.unprompted_frames
+        if not self.training or chance == 0:
+            return prompts
+        if not self.cfg.segmenter.memory.bank:  # checked here: a checkpoint so trained may run without its bank
+            raise SegmenterConfigError(f"segmenter.memory.unprompted_frames={chance} trains frames from the memory bank "
+                                       "alone: set it to 0 with segmenter.memory.bank=false")
+        withheld = torch.rand(prompts.shape[:2], device=prompts.device) < chance
+        withheld[:, 0] = False  # a track starts from its prompt
+        return self.segmenter.withhold_prompts(prompts, withheld)
 
     @torch.no_grad()
     def predict_video(self, batch: RefVOSBatch, progress: Callable[[int], object] | None = None) -> Tensor:

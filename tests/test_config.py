@@ -146,7 +146,8 @@ def test_experiments_choose_the_prompt_and_the_released_ones_the_reference_s() -
 
 
 REFERENCE_MEMORY = {"backprop": "none", "conditioning_frame": False, "object_pointers": False, "temporal_encoding": False,
-                    "eval_stride": 3, "gate_by_object_score": False, "encoder_input": "conditioned", "bank": True}  # written out from issue 12
+                    "eval_stride": 3, "gate_by_object_score": False, "encoder_input": "conditioned", "bank": True,
+                    "unprompted_frames": 0.0}  # written out from issue 12; the reference prompts every query frame
 
 
 def test_released_experiments_select_the_reference_protocol_everywhere() -> None:

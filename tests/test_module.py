@@ -14,6 +14,7 @@ from datamodules.datamodule import RefVOSDataModule
 from glus_lightning.config import compose
 from glus_lightning.metrics import mask_iou
 from glus_lightning.module import GLUSModule
+from glus_lightning.segmentation import SegmenterConfigError
 
 
 def tiny_config(data_root: Path, *overrides: str) -> DictConfig:
@@ -116,6 +117,32 @@ def test_short_training_run_lowers_loss_and_raises_iou(data_root: Path) -> None:
     iou_after = _mean_iou(model, batch)
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
     assert iou_after > iou_before + 0.25, (iou_before, iou_after)
+
+
+def test_unprompted_frames_train_from_memory_alone_and_inference_prompts_every_frame(data_root: Path) -> None:
+    """With segmenter.memory.unprompted_frames=0.5, about half the query frames after each window's first are
+    segmented with SAM2's not-a-point token instead of their [SEG] prompt, and their masks still get the loss
+    (through the memory bank alone); the first frame of a window and every frame at inference keep their prompts."""
+    cfg = tiny_config(data_root, "data.num_query=4", "segmenter.memory.unprompted_frames=0.5")
+    torch.manual_seed(0)
+    model = GLUSModule(cfg)
+    no_click = model.segmenter.sam.sam_prompt_encoder.not_a_point_embed.weight[0]
+    given: list[torch.Tensor] = []
+    track = model.segmenter.track
+    model.segmenter.track = lambda features, prompts, *a, **k: given.append(prompts) or track(features, prompts, *a, **k)
+    batch = first_batch(cfg)
+    for _ in range(20):
+        model(batch)
+    withheld = torch.stack([(p == no_click).all(-1) for p in given])  # [steps, E, Q]
+    assert not withheld[..., 0].any()
+    assert 0.35 < withheld[..., 1:].float().mean() < 0.65, withheld[..., 1:].float().mean()
+    given.clear()
+    model.eval()
+    model.predict_video(first_batch(cfg, "val"))
+    assert given and not any((p == no_click).all(-1).any() for p in given)
+    without_bank = GLUSModule(tiny_config(data_root, "segmenter.memory.unprompted_frames=0.5", "segmenter.memory.bank=false"))
+    with pytest.raises(SegmenterConfigError, match="unprompted_frames=0.5 trains frames from the memory bank alone"):
+        without_bank(batch)  # training; such a checkpoint still runs without its bank at inference (memory_off)
 
 
 @pytest.mark.parametrize("freezing", [

@@ -158,6 +158,22 @@ def test_without_the_bank_every_frame_is_segmented_on_its_own():
     assert torch.equal(with_bank[:, 0], tracked[:, 0]) and (with_bank[:, 1:] - tracked[:, 1:]).abs().max() > 1e-3
 
 
+def test_a_withheld_prompt_is_sam2s_own_token_for_a_frame_without_clicks():
+    """SAM2's prompt encoder embeds a point labelled -1 (not a point) as its not-a-point token whatever its
+    coordinates: what a frame trained without its [SEG] prompt gets; the other frames keep theirs."""
+    seg = make(["train_mask_decoder=true"])
+    prompts = prompts_like(seg, 2, 3)
+    withheld = torch.tensor([[False, True, False], [False, True, True]])
+    given = seg.withhold_prompts(prompts, withheld)
+    coords = torch.rand(3, 1, 2) * seg.image_size
+    no_click = seg.sam.sam_prompt_encoder._embed_points(coords, -torch.ones(3, 1), pad=False)[:, 0]
+    assert torch.equal(no_click[0], no_click[2])
+    assert torch.equal(given[withheld], no_click[:1].expand(3, -1))
+    assert torch.equal(given[~withheld], prompts[~withheld])
+    with pytest.raises(SegmenterConfigError, match="unprompted_frames=1.0 must be in"):
+        make(["memory.unprompted_frames=1.0"])
+
+
 @pytest.mark.parametrize("max_memories", [7, 3])
 def test_memory_bank_is_bounded_over_a_long_video(max_memories):
     seg = make([f"max_memories={max_memories}"]).eval()

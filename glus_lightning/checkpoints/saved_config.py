@@ -34,6 +34,8 @@ ADDED: dict[str, Any] = {
     "inference.decoding": "windowed",
     # 2026-12-04: the memory-bank ablation switch
     "segmenter.memory.bank": True,
+    # 2026-12-04: query frames trained without their prompt (every frame was prompted)
+    "segmenter.memory.unprompted_frames": 0.0,
     # 2026-12-04: the text warm-up before fit (none before)
     "text_warmup": {"steps": 0, "lr": 1.0e-3, "log_every_n_steps": 100},
 }

@@ -54,7 +54,8 @@ PARAM_GROUPS = {
     ),
     "train_mask_decoder": ("sam_mask_decoder.",),
 }
-# Always frozen: the prompt encoder (only its no-mask embedding is used, as in the reference), the
+# Always frozen: the prompt encoder (only its no-mask embedding is used, as in the reference, and its not-a-point
+# token for frames trained without a prompt, segmenter.memory.unprompted_frames), the
 # mask-input downsampler (unused: there are no mask prompts) and no_mem_pos_enc (unused: every official
 # config adds no_mem_embed directly instead of attending to it).
 FROZEN_PREFIXES = ("sam_prompt_encoder.", "mask_downsample.", "no_mem_pos_enc")

@@ -140,6 +140,12 @@ class MemorySegmenter(nn.Module):
             raise ValueError(f"select expects a long index tensor, got {index.dtype}")
         return features[index]
 
+    def withhold_prompts(self, prompts: Tensor, withheld: Tensor) -> Tensor:
+        """``prompts [N, T, D]`` with the frames where ``withheld [N, T]`` is true given SAM2's not-a-point token, the
+        prompt SAM2's own decoder gets for a frame it has no click on (one token, where SAM2 pads to two)."""
+        no_prompt = self.sam.sam_prompt_encoder.not_a_point_embed.weight[0]
+        return torch.where(withheld[..., None], no_prompt.to(prompts.dtype), prompts)
+
     # ------------------------------------------------------------------------------------------ memory
     def new_memory(self, batch_size: int) -> MemoryBank:
         """An empty bank for ``batch_size`` tracks, keeping every frame SAM2 may still select."""
@@ -298,6 +304,8 @@ def build_segmenter(cfg: SegmenterConfig) -> MemorySegmenter:
             "segmenter.memory.backprop=none runs memory attention and the memory encoder without gradients, "
             "so segmenter.train_memory=true would train nothing there: set train_memory=false or backprop=full|checkpointed"
         )
+    if not 0.0 <= cfg.memory.unprompted_frames < 1.0:
+        raise SegmenterConfigError(f"segmenter.memory.unprompted_frames={cfg.memory.unprompted_frames} must be in [0, 1)")
     sam = build_sam2(cfg)
     if cfg.checkpoint is not None:
         load_official_checkpoint(sam, cfg.checkpoint, f"SAM2 {cfg.version} size {cfg.size} (max_memories {cfg.max_memories})")
