@@ -19,7 +19,9 @@ Inference arms on each ``glus`` model:
 - ``memory_off``: the same model with its memory bank switched off at inference (what the memory adds to a model
   trained with it);
 - ``first_prompt_only``: each expression tracked from its first frame's prompt alone, every later frame's prompt
-  withheld (SAM2's semi-supervised setting): what the memory bank carries on its own;
+  withheld (SAM2's semi-supervised setting): what the memory bank carries on its own; ``oracle_keyframe_prompt_only``:
+  the same from the oracle keyframe (below), forward and backward; ``hard_start_first_prompt_only`` and
+  ``hard_start_oracle_keyframe_prompt_only``: both on the fading-in videos (below);
 - ``keyframes``: self-refinement, the frame scorer fitted on training videos, each expression segmented from the
   frame it rates best, forward and backward; ``oracle_keyframes``: from the frame whose memoryless mask best matches
   the ground truth (the most a perfect scorer could give);
@@ -48,7 +50,7 @@ from arms import ARMS, INFERRED_FROM, UNTRAINED, run_cli
 CHOICES = [arm for arm in ARMS if arm not in (UNTRAINED, "bag_of_words")]  # the latter: demo_controls.py
 # by default, of the C = 0 models' inference arms only memory_off and first_prompt_only
 DEFAULT_ARMS = [arm for arm in CHOICES if not INFERRED_FROM.get(arm, "").startswith("no_context")
-                or arm.endswith(("_memory_off", "_first_prompt_only"))]
+                or arm.endswith(("_memory_off", "context_first_prompt_only", "unprompted_first_prompt_only"))]
 
 
 def main() -> None:

@@ -94,7 +94,8 @@ TRAINED = {
     "bag_of_words": [],  # BagOfWordsPrompts
 }
 MODULES = {"bag_of_words": BagOfWordsPrompts}  # the arms trained as another GLUSModule class
-INFERENCES = ("swapped_text", "memory_off", "first_prompt_only", "keyframes", "oracle_keyframes",
+INFERENCES = ("swapped_text", "memory_off", "first_prompt_only", "oracle_keyframe_prompt_only",
+              "hard_start_first_prompt_only", "hard_start_oracle_keyframe_prompt_only", "keyframes", "oracle_keyframes",
               "hard_start", "hard_start_keyframes", "hard_start_oracle_keyframes")
 INFERRED_ON = ("glus", "no_context", "unprompted", "no_context_unprompted")  # the trained arms inference arms run on
 
@@ -125,25 +126,44 @@ def tracked_masks(module: GLUSModule, plan) -> MaskFn:
     return masks_of
 
 
+def oracle_keyframes(module: GLUSModule, evidence, record: VideoRecord, expressions: list[Expression]) -> list[int]:
+    """Each expression's frame whose memoryless mask best matches the ground truth."""
+    frames = range(record.num_frames)
+    truth = DenseTargets([torch.from_numpy(np.stack([record.expression_mask(x, i) for i in frames])) for x in expressions])
+    return keyframe_targets(evidence.mask_logits, truth, module.cfg.mask_threshold).argmax(1).tolist()
+
+
+def prompted_at(module: GLUSModule, prompts: torch.Tensor, keyframes: list[int]) -> torch.Tensor:
+    """``prompts [N, T, D]`` with every frame's prompt but each track's keyframe withheld (SAM2's not-a-point token, as
+    ``segmenter.memory.unprompted_frames`` trains): the track then has only its memory after the keyframe."""
+    withheld = torch.ones(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
+    withheld[torch.arange(len(keyframes)), keyframes] = False
+    return module.segmenter.withhold_prompts(prompts, withheld)
+
+
 def oracle_keyframe_masks(module: GLUSModule) -> MaskFn:
     """Masks tracked from each expression's best memoryless frame against the ground truth (an upper bound)."""
+    return tracked_masks(module, lambda ev, record, xs: (ev.prompts, oracle_keyframes(module, ev, record, xs)))
+
+
+def first_prompt_masks(module: GLUSModule) -> MaskFn:
+    """Masks tracked from each expression's first frame with only that frame's prompt (SAM2's semi-supervised
+    setting): what the memory bank carries on its own."""
 
     def plan(evidence, record: VideoRecord, expressions: list[Expression]):
-        frames = range(record.num_frames)
-        truth = DenseTargets([torch.from_numpy(np.stack([record.expression_mask(x, i) for i in frames])) for x in expressions])
-        return evidence.prompts, keyframe_targets(evidence.mask_logits, truth, module.cfg.mask_threshold).argmax(1).tolist()
+        keyframes = [0] * len(expressions)
+        return prompted_at(module, evidence.prompts, keyframes), keyframes
 
     return tracked_masks(module, plan)
 
 
-def first_prompt_masks(module: GLUSModule) -> MaskFn:
-    """Masks tracked from each expression's first frame with every later frame's prompt withheld (SAM2's not-a-point
-    token, as ``segmenter.memory.unprompted_frames`` trains): what the memory bank carries on its own."""
+def oracle_keyframe_prompt_masks(module: GLUSModule) -> MaskFn:
+    """``first_prompt_masks`` from the oracle keyframe instead of the first frame: where the memory carries the track,
+    the frame it starts from matters."""
 
     def plan(evidence, record: VideoRecord, expressions: list[Expression]):
-        withheld = torch.ones(evidence.prompts.shape[:2], dtype=torch.bool, device=evidence.prompts.device)
-        withheld[:, 0] = False
-        return module.segmenter.withhold_prompts(evidence.prompts, withheld), [0] * len(expressions)
+        keyframes = oracle_keyframes(module, evidence, record, expressions)
+        return prompted_at(module, evidence.prompts, keyframes), keyframes
 
     return tracked_masks(module, plan)
 
@@ -179,6 +199,9 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
             inferences = {"swapped_text": (lambda m: swapped_text(model_masks(m)), records),
                           "memory_off": (memory_off, records),
                           "first_prompt_only": (first_prompt_masks, records),
+                          "oracle_keyframe_prompt_only": (oracle_keyframe_prompt_masks, records),
+                          "hard_start_first_prompt_only": (first_prompt_masks, hard),
+                          "hard_start_oracle_keyframe_prompt_only": (oracle_keyframe_prompt_masks, hard),
                           "oracle_keyframes": (oracle_keyframe_masks, records),
                           "hard_start": (model_masks, hard),
                           "hard_start_oracle_keyframes": (oracle_keyframe_masks, hard),
