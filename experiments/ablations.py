@@ -30,9 +30,9 @@ Inference arms on each ``glus`` model:
   from: the situation keyframes exist for.
 
 The same inference arms run on the ``no_context``, ``unprompted`` and ``no_context_unprompted`` models, named
-``<model>_<arm>`` (e.g. ``unprompted_memory_off``); by default all of them on ``unprompted`` and ``memory_off`` and
-``first_prompt_only`` on the C = 0 models (with no context frames, the memory of earlier windows is all that carries what they showed:
-``data.synthetic.twin_motion=settled``).
+``<model>_<arm>`` (e.g. ``unprompted_memory_off``); by default all of them on ``unprompted``, and ``memory_off`` and
+``first_prompt_only`` on the C = 0 models (with no context frames, the memory of earlier windows is all that carries
+what they showed: ``data.synthetic.twin_motion=settled``).
 
 Columns (``scoring.py``): J&F overall and per expression kind, and the confusion rate (of the frames where the mask
 clearly picks one object, the share where it picked another). Mean +- std over the seeds. Results are kept per
@@ -48,9 +48,9 @@ from __future__ import annotations
 from arms import ARMS, INFERRED_FROM, UNTRAINED, run_cli
 
 CHOICES = [arm for arm in ARMS if arm not in (UNTRAINED, "bag_of_words")]  # the latter: demo_controls.py
-# by default, of the C = 0 models' inference arms only memory_off and first_prompt_only
+C0_DEFAULT_INFERENCES = ("memory_off", "first_prompt_only")  # the C = 0 models' inference arms run by default
 DEFAULT_ARMS = [arm for arm in CHOICES if not INFERRED_FROM.get(arm, "").startswith("no_context")
-                or arm.endswith(("_memory_off", "context_first_prompt_only", "unprompted_first_prompt_only"))]
+                or arm.removeprefix(f"{INFERRED_FROM[arm]}_") in C0_DEFAULT_INFERENCES]
 
 
 def main() -> None:

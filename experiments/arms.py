@@ -146,26 +146,26 @@ def oracle_keyframe_masks(module: GLUSModule) -> MaskFn:
     return tracked_masks(module, lambda ev, record, xs: (ev.prompts, oracle_keyframes(module, ev, record, xs)))
 
 
-def first_prompt_masks(module: GLUSModule) -> MaskFn:
-    """Masks tracked from each expression's first frame with only that frame's prompt (SAM2's semi-supervised
-    setting): what the memory bank carries on its own."""
+def prompt_only_masks(module: GLUSModule, keyframes_of) -> MaskFn:
+    """Masks tracked from each expression's keyframe (``keyframes_of(evidence, record, expressions)``) with only that
+    frame's prompt, forward and backward: what the memory bank carries on its own."""
 
     def plan(evidence, record: VideoRecord, expressions: list[Expression]):
-        keyframes = [0] * len(expressions)
+        keyframes = keyframes_of(evidence, record, expressions)
         return prompted_at(module, evidence.prompts, keyframes), keyframes
 
     return tracked_masks(module, plan)
+
+
+def first_prompt_masks(module: GLUSModule) -> MaskFn:
+    """Tracked from the first frame's prompt alone (SAM2's semi-supervised setting)."""
+    return prompt_only_masks(module, lambda evidence, record, expressions: [0] * len(expressions))
 
 
 def oracle_keyframe_prompt_masks(module: GLUSModule) -> MaskFn:
-    """``first_prompt_masks`` from the oracle keyframe instead of the first frame: where the memory carries the track,
-    the frame it starts from matters."""
-
-    def plan(evidence, record: VideoRecord, expressions: list[Expression]):
-        keyframes = oracle_keyframes(module, evidence, record, expressions)
-        return prompted_at(module, evidence.prompts, keyframes), keyframes
-
-    return tracked_masks(module, plan)
+    """Tracked from the oracle keyframe's prompt alone: where the memory carries the track, the frame it starts from
+    matters."""
+    return prompt_only_masks(module, lambda evidence, record, expressions: oracle_keyframes(module, evidence, record, expressions))
 
 
 def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos: int | None) -> None:
@@ -195,7 +195,8 @@ def run_seed(arms: list[str], seed: int, overrides: list[str], out: Path, videos
         if arm in INFERRED_ON:
             no_bank = [*arm_overrides, f"ckpt_path={checkpoint}", "segmenter.memory.bank=false"]
             memory_off = lambda m, c=no_bank: model_masks(load_module(compose(c), device))  # the same checkpoint, no bank
-            hard = [hard_start(record) for record in records]
+            needs_hard = any(INFERRED_FROM.get(name) == arm and "hard_start" in name for name in todo)
+            hard = [hard_start(record) for record in records] if needs_hard else []  # re-encodes the first frames
             inferences = {"swapped_text": (lambda m: swapped_text(model_masks(m)), records),
                           "memory_off": (memory_off, records),
                           "first_prompt_only": (first_prompt_masks, records),

@@ -121,8 +121,8 @@ def test_short_training_run_lowers_loss_and_raises_iou(data_root: Path) -> None:
 
 def test_unprompted_frames_train_from_memory_alone_and_inference_prompts_every_frame(data_root: Path) -> None:
     """With segmenter.memory.unprompted_frames=0.5, about half the query frames after each window's first are
-    segmented with SAM2's not-a-point token instead of their [SEG] prompt, and their masks still get the loss
-    (through the memory bank alone); the first frame of a window and every frame at inference keep their prompts."""
+    segmented with SAM2's not-a-point token instead of their [SEG] prompt; the first frame of a window and every frame
+    at inference keep their prompts; training refuses it without the memory bank."""
     cfg = tiny_config(data_root, "data.num_query=4", "segmenter.memory.unprompted_frames=0.5")
     torch.manual_seed(0)
     model = GLUSModule(cfg)

@@ -161,7 +161,7 @@ def test_without_the_bank_every_frame_is_segmented_on_its_own():
 def test_a_withheld_prompt_is_sam2s_own_token_for_a_frame_without_clicks():
     """SAM2's prompt encoder embeds a point labelled -1 (not a point) as its not-a-point token whatever its
     coordinates: what a frame trained without its [SEG] prompt gets; the other frames keep theirs."""
-    seg = make(["train_mask_decoder=true"])
+    seg = make()
     prompts = prompts_like(seg, 2, 3)
     withheld = torch.tensor([[False, True, False], [False, True, True]])
     given = seg.withhold_prompts(prompts, withheld)
